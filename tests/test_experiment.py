@@ -126,6 +126,17 @@ def test_run_cache_and_report(tmp_path: Path, small_cifar: str) -> None:
     fingerprints = {e["models"]["model"]["fingerprint"] for e in (final_eval, epoch_eval)}
     assert len(fingerprints) == 2
     assert "simclr" in (out / "results.md").read_text()
+    # a card per model, carrying the final evaluation's measured values (the twin's as reference)
+    from hf_sslbd.cards import card_metrics, parse_card
+
+    assert sorted(report["cards"]) == [f"cards/{name}.md" for name in models]
+    for name, which in ((models[0], "reference"), (models[1], "model")):
+        card = parse_card((out / "models" / name / "README.md").read_text())
+        assert card.data.to_dict()["hf_sslbd"]["kind"] == ("clean" if which == "reference" else "backdoored")
+        linear = next(m for m in card_metrics(card) if m.probe == "linear")
+        measured = final_eval["results"][which]["linear"]["0.5"]["aggregate"]["target_fp"]["mean"]
+        assert linear.values["target_fp"] == measured
+        assert (out / "cards" / f"{name}.md").read_text() == (out / "models" / name / "README.md").read_text()
 
     # a rerun skips every stage: nothing is retrained or re-evaluated
     weights = out / "models" / models[1] / "model.safetensors"

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .cards import write_model_cards
 from .config import ExperimentConfig
 from .plan import Plan
 
@@ -202,6 +203,9 @@ def write_report(
             "",
         ]
         report["plots"] += _ablation_plots(flat, out, probe)
+    report["cards"] = [str(path.relative_to(out)) for path in write_model_cards(plan, out)]
+    if report["cards"]:
+        sections += ["Model cards (also README.md in each model folder): " + ", ".join(report["cards"]), ""]
     if failures:
         sections += ["## Failed stages", ""] + [f"- {m}" for m in failures.values()] + [""]
     sections += [
