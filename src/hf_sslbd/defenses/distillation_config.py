@@ -93,7 +93,9 @@ class DistillationArguments:
     seed: int = _help("Seed of everything: subset, student init, order, views.", default=0)
     checkpointing_steps: int | None = _help("Also checkpoint every N optimizer steps.", default=None)
     checkpoint_every_epoch: bool = _help("Checkpoint at the end of every epoch.", default=True)
-    checkpoints_total_limit: int | None = _help("Keep only the newest N checkpoints.", default=None)
+    checkpoints_total_limit: int | None = _help(
+        "Keep only the newest N checkpoints (a distillation checkpoints every short epoch).", default=2
+    )
     resume_from_checkpoint: str | None = _help("'latest' or a checkpoints/step_N folder.", default=None)
     overwrite_output_dir: bool = _help("Allow writing into an output_dir that holds a run.", default=False)
     logging_steps: int = _help("Log every N optimizer steps (train_log.jsonl).", default=10)
