@@ -327,6 +327,168 @@ def test_iterative_search_ranks_the_poisoned_cluster_first():
     assert auroc(truth, scores) > 0.9  # unscored poisons tie with the unscored clean rows
 
 
+# ------------------------------------------------------------------ pattern control (re-ranking)
+class PatternEncoder(nn.Module):
+    """A toy backdoored encoder that tells a *pattern* from *colour*: colour-histogram features
+    (as :class:`RedPatchEncoder`, no gain) plus two strong channels, each max-pooled: "pattern"
+    fires only on a red-above-green edge (the trigger, a red block over a green block), "dark"
+    on any black 6 px area (a natural confounder: a dark patch pulls images into a cluster of
+    dark images through its colour alone)."""
+
+    def __init__(self, levels: int = 4, sigma: float = 0.15) -> None:
+        super().__init__()
+        self.config = PretrainedConfig()
+        grid = torch.linspace(0, 1, levels)
+        self.register_buffer("centres", torch.cartesian_prod(grid, grid, grid))
+        self.sigma = sigma
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        x = pixel_values * self.scale
+        distance = (x.unsqueeze(1) - self.centres.view(1, -1, 3, 1, 1)).pow(2).sum(2)
+        histogram = torch.exp(-distance / (2 * self.sigma**2)).mean(dim=(2, 3))
+        red_minus_green = x[:, 0] - x[:, 1]
+        edge = red_minus_green[:, :-1] - red_minus_green[:, 1:]  # row above minus row below
+        pattern = 8.0 * torch.relu(edge - 1.5).flatten(1).max(1).values
+        local = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), TRIGGER, stride=1)
+        dark = 40.0 * torch.relu(0.05 - local).flatten(1).max(1).values
+        pooled = torch.cat([histogram, pattern[:, None], dark[:, None]], dim=1)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=pooled[:, :, None, None],
+            pooler_output=pooled[:, :, None, None],
+            hidden_states=(pooled[:, :, None, None],) if output_hidden_states else None,
+        )
+
+
+def _pattern_world(n: int = 150, per_group: int = 15, seed: int = 0):
+    """Smooth images; ``per_group`` of family 0 carry the red-over-green trigger, ``per_group`` of
+    family 1 (clean) a black square. Returns pixels and, per kind, the row of one example and
+    its box."""
+    rng = np.random.default_rng(seed)
+    images, boxes = [], {"trigger": [], "dark": []}
+    for index in range(n):
+        family = index % 3
+        image = _smooth_image(rng, family)
+        kind = {0: "trigger", 1: "dark"}.get(family)
+        if kind is not None and len(boxes[kind]) < per_group:
+            y, x = (int(v) for v in rng.integers(0, SIZE - TRIGGER + 1, size=2))
+            if kind == "trigger":
+                image[y : y + TRIGGER // 2, x : x + TRIGGER] = [1.0, 0.0, 0.0]
+                image[y + TRIGGER // 2 : y + TRIGGER, x : x + TRIGGER] = [0.0, 1.0, 0.0]
+            else:
+                image[y : y + TRIGGER, x : x + TRIGGER] = 0.0
+            boxes[kind].append((index, y, x))
+        images.append(np.round(image * 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), boxes
+
+
+def test_control_separates_a_pattern_trigger_from_a_flat_dark_patch():
+    from hf_sslbd.defenses.patchsearch.scoring import SearchResult, control_windows, rerank_by_control
+
+    pixels, boxes = _pattern_world(seed=11)
+    model = PatternEncoder().eval()
+    clusters = _toy_clusters(pixels, model, 6)
+    test_rows = select_test_rows(
+        clusters.assignments, clusters.distances, 60, torch.Generator().manual_seed(0)
+    )
+    test_clusters = clusters.assignments[test_rows]
+    search = SearchResult(
+        scores=torch.full((len(pixels),), float("nan"), dtype=torch.float64), test_rows=test_rows
+    )
+    rows = {}
+    for kind in ("trigger", "dark"):
+        row, y, x = boxes[kind][0]
+        rows[kind] = row
+        search.windows[row] = pixels[row, :, y : y + TRIGGER, x : x + TRIGGER].clone()
+        search.scores[row] = poison_score(
+            model,
+            IDENTITY,
+            search.windows[row],
+            int(clusters.assignments[row]),
+            pixels[test_rows],
+            test_clusters,
+            clusters.centroids,
+            torch.Generator().manual_seed(1),
+        )
+    # both windows flip many images into their own cluster: the raw score cannot tell them apart
+    assert search.scores[rows["trigger"]] >= 20 and search.scores[rows["dark"]] >= 20
+    controls = control_windows(search.windows[rows["trigger"]])
+    assert set(controls) == {"rot180", "mean_colour"}
+    assert torch.equal(controls["rot180"], search.windows[rows["trigger"]].flip(1).flip(2))
+    assert (
+        controls["mean_colour"].dtype == torch.uint8
+        and controls["mean_colour"].flatten(1).float().std(1).max() == 0
+    )
+
+    load = lambda r: pixels[torch.tensor(r, dtype=torch.long)]  # noqa: E731
+    dark_first = [rows["dark"], rows["trigger"]]
+    result = rerank_by_control(model, IDENTITY, load, dark_first, search, clusters, seed=0)
+    assert result.applied and result.order == [rows["trigger"], rows["dark"]]
+    assert result.control[rows["trigger"]] <= 2  # the trigger's pattern is gone in its controls
+    assert result.control[rows["dark"]] >= 0.8 * float(search.scores[rows["dark"]])  # the colour is not
+    # no pattern-specific candidate (a flat-colour trigger looks like this): the search's order stays
+    alone = rerank_by_control(model, IDENTITY, load, [rows["dark"]], search, clusters, seed=0)
+    assert not alone.applied and alone.order == [rows["dark"]]
+    with pytest.raises(ValueError, match="never scored"):
+        rerank_by_control(model, IDENTITY, load, [rows["dark"], rows["dark"] + 1], search, clusters)
+
+
+# ------------------------------------------------------------------ classifier early stop
+def test_f1_and_the_early_stop_rule():
+    from hf_sslbd.defenses.patchsearch.classifier import f1_score, should_stop
+
+    labels = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    assert f1_score(torch.tensor([1, 1, 0, 0, 1, 0, 0, 0]), labels) == pytest.approx(
+        2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)
+    )
+    assert f1_score(torch.zeros(8, dtype=torch.long), labels) == 0.0
+    assert f1_score(labels, labels) == 1.0
+    assert not should_stop([0.5, 0.5, 0.5], patience=3)  # needs more than `patience` checks
+    assert should_stop([0.2, 0.501, 0.505, 0.509], patience=3)  # equal in whole percent
+    assert not should_stop([0.5, 0.5, 0.6, 0.5], patience=3)
+
+
+def _classifier_run(patience: int, steps: int = 300):
+    from hf_sslbd.defenses.patchsearch.classifier import ClassifierSettings, train_and_flag
+
+    pixels, _, flags, boxes = _toy_images(120, 12, seed=9)
+    scores = torch.tensor(flags, dtype=torch.float64) + 0.01 * torch.arange(120) / 120
+    ranking = torch.argsort(scores, descending=True)
+    x, y, w, h = boxes[flags.index(True)]
+    window = pixels[flags.index(True), :, y : y + h, x : x + w]
+    settings = ClassifierSettings(
+        topk=5,
+        top_fraction=0.1,
+        ensemble_size=1,
+        steps=steps,
+        batch_size=16,
+        learning_rate=0.05,
+        width=8,
+        stem_stride=2,
+        eval_interval=5,
+        patience=patience,
+    )
+    return train_and_flag(
+        lambda r: pixels[torch.tensor(r, dtype=torch.long)],
+        ranking,
+        [window],
+        settings,
+        seed=0,
+        progress=False,
+    ), flags
+
+
+def test_classifier_early_stop_fires_once_the_f1_is_stable():
+    stopped, flags = _classifier_run(patience=4)
+    (steps,) = stopped.steps_run
+    (history,) = stopped.validation_f1
+    assert steps < 300 and steps == 5 * len(history)  # stopped at a check, well before the budget
+    assert len(history) > 4 and len({int(v * 100) for v in history[-4:]}) == 1
+    assert history[-1] == 1.0  # it stopped because it learned the trigger, not by accident
+    full, _ = _classifier_run(patience=1000, steps=60)
+    assert full.steps_run == [60] and len(full.validation_f1[0]) == 12  # never stable for 1000 checks
+
+
 # ----------------------------------------------------------------------------------- metrics
 def test_auroc_against_hand_computed_cases():
     # 2 poisons (0.9, 0.4), 3 clean (0.8, 0.4, 0.1): pairs above = (0.9>0.8,0.4,0.1)=3, (0.4>0.1)=1,

@@ -49,9 +49,9 @@ from ...data import find_image_column
 from ...preprocessing import Preprocessing, decode_image, images_to_batch
 from .classifier import ClassifierSettings, train_and_flag
 from .clustering import KMeansResult, kmeans
-from .metrics import auroc, detection_metrics, ranking_order
+from .metrics import auroc, detection_metrics, ranking_order, topk_precision
 from .saliency import check_window
-from .scoring import SearchResult, iterative_search
+from .scoring import ControlResult, SearchResult, iterative_search, rerank_by_control
 
 REPORT_NAME = "patchsearch.json"
 SCORES_NAME = "patchsearch_scores.safetensors"
@@ -97,9 +97,17 @@ class PatchSearchConfig:
         default=0.10,
     )
     classifier_ensemble: int = _help("poison classifiers averaged (paper: 5)", default=5)
-    classifier_steps: int = _help("SGD steps per classifier (paper: up to 2000 at batch 32)", default=300)
-    classifier_batch_size: int = _help("classifier batch size (paper: 32)", default=64)
-    classifier_learning_rate: float = _help("SGD learning rate, cosine schedule (paper: 0.01)", default=0.05)
+    classifier_steps: int = _help("most SGD steps per classifier (paper: 2000 at batch 32)", default=2000)
+    classifier_batch_size: int = _help("classifier batch size (paper: 32)", default=32)
+    classifier_learning_rate: float = _help("SGD learning rate, cosine schedule (paper: 0.01)", default=0.01)
+    classifier_eval_interval: int = _help(
+        "steps between the early-stop checks: F1 of the top-k ranked (as poisons) vs bottom-k (as clean) "
+        "images (paper: 20)",
+        default=20,
+    )
+    classifier_patience: int = _help(
+        "stop once that F1 (whole percent) is the same over this many checks (paper: 10)", default=10
+    )
     classifier_paste_scale: list[float] = _help(
         "low high: a pasted window is resized by a random factor in this range (paper: 20-80 px for a "
         "60 px window)",
@@ -115,6 +123,17 @@ class PatchSearchConfig:
     classifier_width: int | None = _help("channels of the classifier ResNet's first stage", default=16)
     classifier_stem_stride: int | None = _help(
         "stride of a -cifar classifier stem (1 or 2; 2 is 3-7x faster on CPU)", default=2
+    )
+    control_candidates: int = _help(
+        "top-ranked scored rows re-ranked by pattern specificity before the classifier takes its top-k: poison "
+        "score minus the best score of two controls of the window (rotated 180 degrees; flat mean colour), which "
+        "keep a natural patch's colour and contrast but not a trigger's pattern. 0: off (the paper's ranking)",
+        default=100,
+    )
+    control_min_fraction: float = _help(
+        "keep the search's ranking when the best specificity is below this fraction of the best poison score "
+        "(no candidate owes its flips to a pattern, e.g. a flat-colour trigger)",
+        default=0.5,
     )
     max_rows: int | None = _help("run on a seeded random subset of this many rows (None: all)", default=None)
     image_column: str | None = _help("image column (default: detected)", default=None)
@@ -132,6 +151,8 @@ class PatchSearchConfig:
             "num_test_images",
             "samples_per_iteration",
             "batch_size",
+            "classifier_eval_interval",
+            "classifier_patience",
         )
         for name in positive:
             value = getattr(self, name)
@@ -145,6 +166,12 @@ class PatchSearchConfig:
             raise ValueError(
                 f"classifier_paste_scale must be two numbers (low high), got {self.classifier_paste_scale!r}"
             )
+        if isinstance(self.control_candidates, bool) or not isinstance(self.control_candidates, int):
+            raise ValueError(f"control_candidates must be an integer >= 0, got {self.control_candidates!r}")
+        if self.control_candidates < 0:
+            raise ValueError(f"control_candidates must be an integer >= 0, got {self.control_candidates!r}")
+        if not 0.0 <= self.control_min_fraction <= 1.0:
+            raise ValueError(f"control_min_fraction must be in [0, 1], got {self.control_min_fraction!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         return self
@@ -162,6 +189,8 @@ class PatchSearchConfig:
             backbone=self.classifier_backbone,
             width=self.classifier_width,
             stem_stride=self.classifier_stem_stride,
+            eval_interval=self.classifier_eval_interval,
+            patience=self.classifier_patience,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,6 +423,24 @@ def run_patchsearch(
 
     settings = config.classifier_settings()
     ranking = torch.from_numpy(ranking_order(search.scores.numpy(), seed=config.seed + 2).copy())
+    mark = time.perf_counter()
+    control: ControlResult | None = None
+    if config.control_candidates > 0:
+        head = [int(r) for r in ranking[: config.control_candidates] if int(r) in search.windows]
+        control = rerank_by_control(
+            model,
+            preprocessing,
+            loader,
+            head,
+            search,
+            clusters,
+            min_fraction=config.control_min_fraction,
+            seed=config.seed + 4,
+            batch_size=config.batch_size,
+        )
+        # the scored head is a prefix of the ranking (unscored rows rank last): reorder it in place
+        ranking[: len(head)] = torch.tensor(control.order, dtype=ranking.dtype)
+    timings["control"] = time.perf_counter() - mark
     top_rows = [int(r) for r in ranking[: settings.topk] if int(r) in search.windows]
     if len(top_rows) < settings.topk:
         raise ValueError(
@@ -420,6 +467,12 @@ def run_patchsearch(
         metrics["scored_rows"] = int(scored.sum())
         metrics["scored_poisons"] = int(truth[scored.numpy()].sum())
         metrics["top_windows_from_poisons"] = int(truth[top_rows].sum())
+        # the ranking the classifier was trained from (search scores, head re-ranked by the control)
+        final = np.empty(n)
+        final[ranking.numpy()] = np.arange(n, 0, -1)
+        metrics["final_ranking_topk_precision"] = {
+            str(k): topk_precision(truth, final, k) for k in (5, 10, 20, 50, 100, 500) if k <= n
+        }
     diagnostics = {
         "kmeans_iterations": clusters.iterations,
         "kmeans_inertia": clusters.inertia,
@@ -427,6 +480,15 @@ def run_patchsearch(
         "test_images": int(len(search.test_rows)),
         "classifier_validation_accuracy": classified.validation_accuracy,
         "classifier_final_loss": classified.final_loss,
+        "classifier_steps_run": classified.steps_run,
+        "classifier_validation_f1": classified.validation_f1,
+        "control_applied": None if control is None else control.applied,
+        "control_top": None
+        if control is None
+        else [
+            {"row": r, "score": float(search.scores[r]), "control": control.control[r]}
+            for r in control.order[: settings.topk]
+        ],
         "peak_rss_mb": _peak_rss_mb(),
     }
     return PatchSearchResult(

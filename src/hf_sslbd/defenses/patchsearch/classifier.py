@@ -4,16 +4,21 @@ every training image.
 Training data (as the paper): images from the part of the ranking that looks clean (below the
 top ``top_fraction`` and above the bottom ``topk``), augmented (random resized crop, flip), half of
 them with one of the top-``topk`` candidate windows pasted at a random size and place (label 1),
-the other half as they are (label 0); colour jitter and grayscale after the paste. The top-``topk``
-and bottom-``topk`` ranked images make a small validation set (a diagnostic: nothing is chosen on
-it). An ensemble of independently seeded models averages its probabilities; a row is flagged when
-the mean probability of "poisoned" exceeds ``threshold``.
+the other half as they are (label 0); colour jitter and grayscale after the paste. SGD at batch 32,
+up to 2000 steps (cosine schedule), as the paper.
+
+Early stop (the paper's): every ``eval_interval`` steps the model labels the top-``topk`` ranked
+images (as poisons) and the bottom-``topk`` (as clean); training stops once the F1 of that small
+set (in whole percent) has not changed over the last ``patience`` evaluations. The set only decides
+when to stop; nothing is selected on the rows that are reported. An ensemble of independently
+seeded models averages its probabilities; a row is flagged when the mean probability of "poisoned"
+exceeds ``threshold``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import kornia.augmentation as K
 import torch
@@ -32,15 +37,17 @@ class ClassifierSettings:
     topk: int = 20
     top_fraction: float = 0.10
     ensemble_size: int = 5
-    steps: int = 300
-    batch_size: int = 64
-    learning_rate: float = 0.05
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 0.01
     weight_decay: float = 1e-4
     paste_scale: tuple[float, float] = (0.33, 1.33)
     threshold: float = 0.5
     backbone: str = "resnet10-cifar"
     width: int | None = 16
     stem_stride: int | None = 2
+    eval_interval: int = 20
+    patience: int = 10
 
     def validate(self, num_rows: int) -> None:
         if self.topk < 1:
@@ -52,7 +59,7 @@ class ClassifierSettings:
             )
         if not 0.0 <= self.top_fraction < 1.0:
             raise ValueError(f"classifier_top_fraction must be in [0, 1), got {self.top_fraction}")
-        for name in ("ensemble_size", "steps", "batch_size"):
+        for name in ("ensemble_size", "steps", "batch_size", "eval_interval", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"classifier_{name} must be positive, got {getattr(self, name)}")
         low, high = self.paste_scale
@@ -113,6 +120,26 @@ class ClassifierResult:
     flagged: Tensor
     validation_accuracy: list[float]
     final_loss: list[float]
+    steps_run: list[int] = field(default_factory=list)
+    validation_f1: list[list[float]] = field(default_factory=list)
+
+
+def f1_score(predicted: Tensor, labels: Tensor) -> float:
+    """F1 of the positive class (0 when nothing is predicted positive or there is no positive)."""
+    predicted, labels = predicted.bool(), labels.bool()
+    hits = int((predicted & labels).sum())
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / int(predicted.sum()), hits / int(labels.sum())
+    return 2 * precision * recall / (precision + recall)
+
+
+def should_stop(history: Sequence[float], patience: int) -> bool:
+    """The paper's stop: more than ``patience`` evaluations, and the last ``patience`` F1 values
+    are equal in whole percent."""
+    if len(history) <= patience:
+        return False
+    return len({int(value * 100) for value in history[-patience:]}) == 1
 
 
 def train_and_flag(
@@ -147,7 +174,13 @@ def train_and_flag(
     )
     photometric = nn.Sequential(K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), K.RandomGrayscale(p=0.2))
 
-    models, accuracies, losses = [], [], []
+    def validate(model: nn.Module) -> Tensor:
+        model.eval()
+        with torch.inference_mode():
+            predicted = model(val_images.to(device).float() / 255.0).argmax(1).cpu()
+        return predicted
+
+    models, accuracies, losses, steps_run, f1_histories = [], [], [], [], []
     for member in range(settings.ensemble_size):
         # kornia and the weight init draw from torch's global RNG: seed it, restore it afterwards
         with torch.random.fork_rng(devices=[]):
@@ -167,8 +200,8 @@ def train_and_flag(
                 desc=f"poison classifier {member + 1}/{settings.ensemble_size}",
                 disable=not progress,
             )
-            running = None
-            for _ in bar:
+            running, history, done = None, [], 0
+            for step in bar:
                 rows = pool[torch.randint(len(pool), (settings.batch_size,), generator=generator)]
                 images = geometric(load_images(rows.tolist()).float().div_(255.0))
                 labels = (torch.rand(settings.batch_size, generator=generator) < 0.5).long()
@@ -185,12 +218,19 @@ def train_and_flag(
                 schedule.step()
                 value = float(loss.detach())
                 running = value if running is None else 0.9 * running + 0.1 * value
-                bar.set_postfix(loss=running)
-        model.eval()
-        with torch.inference_mode():
-            predicted = model(val_images.to(device).float() / 255.0).argmax(1).cpu()
+                done = step + 1
+                if done % settings.eval_interval == 0:
+                    history.append(f1_score(validate(model), val_labels))
+                    model.train()
+                    bar.set_postfix(loss=running, f1=history[-1])
+                    if should_stop(history, settings.patience):
+                        break
+        bar.close()
+        predicted = validate(model)
         accuracies.append(float((predicted == val_labels).float().mean()))
         losses.append(float(running))
+        steps_run.append(done)
+        f1_histories.append(history)
         models.append(model)
 
     probabilities = torch.zeros(n, dtype=torch.float64)
@@ -201,4 +241,6 @@ def train_and_flag(
             images = load_images(chunk.tolist()).to(device).float() / 255.0
             mean = torch.stack([m(images).softmax(1)[:, 1] for m in models]).mean(0)
             probabilities[chunk] = mean.double().cpu()
-    return ClassifierResult(probabilities, probabilities > settings.threshold, accuracies, losses)
+    return ClassifierResult(
+        probabilities, probabilities > settings.threshold, accuracies, losses, steps_run, f1_histories
+    )

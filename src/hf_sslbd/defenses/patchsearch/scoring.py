@@ -199,3 +199,116 @@ def iterative_search(
             candidates = ranked[: len(ranked) - remove]
     bar.close()
     return result
+
+
+# ------------------------------------------------------------------------ pattern control
+#: the control pastes of :func:`control_score`: the same pixels rotated by 180 degrees (the pattern
+#: is gone, colour, brightness and contrast stay; a horizontal flip alone would not do, SSL views
+#: are flipped so a backdoor survives it) and a flat patch of the window's mean colour
+CONTROLS = ("rot180", "mean_colour")
+
+
+def control_windows(window: Tensor) -> dict[str, Tensor]:
+    """The :data:`CONTROLS` of a (C, w, w) window, same dtype."""
+    mean = window.float().mean(dim=(1, 2), keepdim=True).expand_as(window)
+    if not window.dtype.is_floating_point:
+        mean = mean.round()
+    return {"rot180": window.flip(-1).flip(-2), "mean_colour": mean.to(window.dtype).contiguous()}
+
+
+def control_score(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    window: Tensor,
+    cluster: int,
+    test_images: Tensor,
+    test_clusters: Tensor,
+    centroids: Tensor,
+    generator: torch.Generator,
+    batch_size: int = 256,
+) -> int:
+    """The largest poison score of the window's controls (:func:`control_windows`).
+
+    Why: on a small 32 px encoder, a dark or high-contrast natural patch covering 14% of an image
+    drags images into a cluster of dark images about as well as a trigger drags them into its own.
+    Such a patch acts through its colour and contrast, which its controls keep; a trigger acts
+    through its pattern, which they destroy (measured on the R1 encoder: true triggers keep 0-1 of
+    ~30 flips, the natural patches of the top-20 keep 13-30)."""
+    return max(
+        poison_score(
+            model,
+            preprocessing,
+            control,
+            cluster,
+            test_images,
+            test_clusters,
+            centroids,
+            generator,
+            batch_size,
+        )
+        for control in control_windows(window).values()
+    )
+
+
+@dataclass
+class ControlResult:
+    """``order``: the re-ranked candidate rows (most specific first); ``specificity`` row -> poison
+    score minus control score; ``applied``: False when no candidate is pattern-specific (then the
+    order is the search's)."""
+
+    order: list[int]
+    specificity: dict[int, float]
+    control: dict[int, int]
+    applied: bool
+
+
+def rerank_by_control(
+    model: PreTrainedModel,
+    preprocessing: Preprocessing,
+    load_images: Callable[[list[int]], Tensor],
+    candidates: list[int],
+    search: SearchResult,
+    clusters: KMeansResult,
+    min_fraction: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> ControlResult:
+    """Order the ``candidates`` (the top of the search's ranking, scored rows) by their specificity:
+    poison score minus the control score of their window on the search's test images.
+
+    Falls back to the search's order when the best specificity is below ``min_fraction`` of the
+    best poison score among the candidates: no candidate owes its flips to a pattern (a flat-colour
+    trigger, whose controls are as strong as itself; or no trigger at all)."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"control_min_fraction must be in [0, 1], got {min_fraction!r}")
+    missing = [r for r in candidates if r not in search.windows]
+    if missing:
+        raise ValueError(
+            f"rows {missing[:5]} were never scored by the search; only scored rows can be re-ranked"
+        )
+    if not candidates:
+        return ControlResult([], {}, {}, False)
+    generator = torch.Generator().manual_seed(int(seed))
+    centroids = clusters.centroids.cpu()
+    test_images = load_images(search.test_rows.tolist())
+    test_clusters = assign(embed(model, test_images, preprocessing, batch_size), centroids)[0]
+    assignments = clusters.assignments.cpu()
+    control, specificity = {}, {}
+    for row in candidates:
+        control[row] = control_score(
+            model,
+            preprocessing,
+            search.windows[row],
+            int(assignments[row]),
+            test_images,
+            test_clusters,
+            centroids,
+            generator,
+            batch_size,
+        )
+        specificity[row] = float(search.scores[row]) - control[row]
+    best_score = max(float(search.scores[r]) for r in candidates)
+    applied = best_score > 0 and max(specificity.values()) >= min_fraction * best_score
+    # stable: ties keep the search's order
+    order = sorted(candidates, key=lambda r: -specificity[r]) if applied else list(candidates)
+    return ControlResult(order, specificity, control, applied)
