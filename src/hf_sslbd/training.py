@@ -384,12 +384,19 @@ def _poisoning_info(args: PretrainArguments) -> dict | None:
 
 def resolve_method_config(args: PretrainArguments) -> dict[str, Any]:
     """The method's config dataclass with ``args.method_config`` applied, validated, as a dict."""
-    from .methods import get_method_class
+    from .methods import METHODS, get_method_class
 
     method_class = get_method_class(args.method)  # raises with the known methods
     overrides = dict(args.method_config or {})
     known = {f.name for f in dataclasses.fields(method_class.config_class)}
     unknown = sorted(set(overrides) - known)
+    if any(key.startswith("icutmix_") for key in unknown):
+        fields_of = lambda cls: {f.name for f in dataclasses.fields(cls.config_class)}  # noqa: E731
+        supported = sorted(name for name, cls in METHODS.items() if "icutmix_alpha" in fields_of(cls))
+        raise ValueError(
+            f"method {args.method!r} has no i-CutMix (method_config keys "
+            f"{[key for key in unknown if key.startswith('icutmix_')]}): it is defined for {supported}"
+        )
     if unknown:
         raise ValueError(
             f"method_config keys {unknown} are not fields of {method_class.config_class.__name__}: {sorted(known)}"
@@ -528,6 +535,18 @@ _RUN_IDENTITY = (
     "data_fingerprint",
     "max_train_steps",
 )
+
+
+def with_new_method_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a checkpoint's identity) with the method-config fields added since it was
+    written (e.g. ``icutmix_alpha``) set to their defaults, which is what that run trained with."""
+    from .methods import METHODS
+
+    config = saved.get("method_config")
+    if not isinstance(config, dict) or saved.get("method") not in METHODS:
+        return saved
+    defaults = json.loads(json.dumps(METHODS[saved["method"]].config_class().to_dict(), default=str))
+    return {**saved, "method_config": {**defaults, **config}}
 
 
 def check_checkpoint_matches(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -800,7 +819,8 @@ def train(args: PretrainArguments) -> TrainResult:
     if args.resume_from_checkpoint is not None:
         resumed_from = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         state = json.loads((resumed_from / TRAINER_STATE_NAME).read_text())
-        check_checkpoint_matches(state.get("identity", {}), identity, resumed_from)
+        saved_identity = with_new_method_fields(state.get("identity", {}))
+        check_checkpoint_matches(saved_identity, identity, resumed_from)
         accelerator.load_state(str(resumed_from))
         global_step, start_epoch, batches_done = state["global_step"], state["epoch"], state["batches_done"]
         logger.info(

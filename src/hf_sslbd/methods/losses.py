@@ -22,6 +22,18 @@ def nt_xent_loss(
     returned loss is this rank's mean: averaging gradients over ranks (DDP) then gives exactly the
     gradient of the loss over the global batch.
     """
+    logits_a, logits_b, labels, _ = _nt_xent_logits(z_a, z_b, temperature, gather_distributed)
+    loss_a = F.cross_entropy(logits_a, labels)
+    loss_b = F.cross_entropy(logits_b, labels)
+    return (loss_a + loss_b) / 2
+
+
+def _nt_xent_logits(
+    z_a: Tensor, z_b: Tensor, temperature: float, gather_distributed: bool
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """NT-Xent's logits: ``(logits_a, logits_b, labels, offset)``. Row ``i`` of ``logits_a`` is
+    anchor ``z_a[i]`` against ``[all z_b | all z_a]`` (itself masked out), ``logits_b`` the other
+    way round; ``labels`` index the positives, ``offset`` is this rank's first row."""
     if z_a.shape != z_b.shape or z_a.dim() != 2:
         raise ValueError(
             f"nt_xent_loss takes two (B, D) tensors of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
@@ -46,8 +58,46 @@ def nt_xent_loss(
     logits_aa = (z_a @ all_a.T / temperature).masked_fill(self_mask, float("-inf"))
     logits_ba = z_b @ all_a.T / temperature
     logits_bb = (z_b @ all_b.T / temperature).masked_fill(self_mask, float("-inf"))
-    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), labels)
-    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), labels)
+    return torch.cat([logits_ab, logits_aa], dim=1), torch.cat([logits_ba, logits_bb], dim=1), labels, offset
+
+
+def _virtual_label_loss(logits: Tensor, labels: Tensor, partner_labels: Tensor, lam: float) -> Tensor:
+    """i-Mix's loss on virtual labels: cross-entropy against the soft target ``lam`` on
+    ``labels`` and ``1 - lam`` on ``partner_labels`` (= ``lam`` CE + ``(1 - lam)`` CE)."""
+    if lam == 1.0:  # unmixed: exactly the plain loss (and no 0 x CE term)
+        return F.cross_entropy(logits, labels)
+    return lam * F.cross_entropy(logits, labels) + (1.0 - lam) * F.cross_entropy(logits, partner_labels)
+
+
+def _check_mixing(permutation: Tensor, lam: float, batch: int) -> None:
+    if permutation.shape != (batch,):
+        raise ValueError(f"permutation must have shape ({batch},), got {tuple(permutation.shape)}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+
+
+def imix_nt_xent_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    permutation: Tensor,
+    lam: float,
+    temperature: float = 0.5,
+    gather_distributed: bool = False,
+) -> Tensor:
+    """NT-Xent with i-Mix virtual labels, for a batch whose view ``a`` was mixed: ``z_a[i]``
+    embeds ``lam`` of image ``i`` and ``1 - lam`` of image ``permutation[i]`` (a local index),
+    ``z_b`` embeds unmixed views. Same candidates as :func:`nt_xent_loss`.
+
+    Targets: anchor ``a_i`` puts ``lam`` on ``b_i`` and ``1 - lam`` on ``b_permutation[i]``;
+    anchor ``b_i`` puts ``lam`` on ``a_i`` and ``1 - lam`` on the view ``a_j`` that carries a
+    box of image ``i`` (``permutation[j] = i``), the same weights read the other way. With
+    ``lam = 1`` this is :func:`nt_xent_loss`.
+    """
+    _check_mixing(permutation, lam, z_a.shape[0])
+    logits_a, logits_b, labels, offset = _nt_xent_logits(z_a, z_b, temperature, gather_distributed)
+    permutation = permutation.to(labels.device)
+    loss_a = _virtual_label_loss(logits_a, labels, permutation + offset, lam)
+    loss_b = _virtual_label_loss(logits_b, labels, torch.argsort(permutation) + offset, lam)
     return (loss_a + loss_b) / 2
 
 
@@ -60,6 +110,35 @@ def infonce_queue_loss(query: Tensor, key: Tensor, queue: Tensor, temperature: f
     negative = query @ queue.detach().T
     logits = torch.cat([positive, negative], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+def imix_infonce_loss(
+    query: Tensor,
+    keys: Tensor,
+    queue: Tensor,
+    permutation: Tensor,
+    lam: float,
+    temperature: float = 0.2,
+    offset: int = 0,
+) -> Tensor:
+    """MoCo's InfoNCE with i-Mix virtual labels, for a batch of mixed queries: ``query[i]``
+    embeds ``lam`` of image ``i`` and ``1 - lam`` of image ``permutation[i]`` (a local index).
+
+    The partner's key must be a candidate, so (as in i-Mix's MoCo) every query is scored against
+    all of the batch's keys and the ``(K, D)`` queue: ``keys`` holds the keys of every rank
+    (``(W * B, D)``), this rank's at rows ``offset : offset + B``. Target: ``lam`` on the own key,
+    ``1 - lam`` on the partner's. The other keys of the batch are negatives, which the plain
+    :func:`infonce_queue_loss` does not have, so ``lam = 1`` gives InfoNCE over
+    ``[keys | queue]``, not :func:`infonce_queue_loss`. Keys and queue carry no gradient.
+    """
+    batch = query.shape[0]
+    _check_mixing(permutation, lam, batch)
+    if not 0 <= offset <= keys.shape[0] - batch:
+        raise ValueError(f"offset {offset} does not place {batch} queries within {keys.shape[0]} keys")
+    query, keys = F.normalize(query, dim=1), F.normalize(keys.detach(), dim=1)
+    logits = query @ torch.cat([keys, queue.detach()]).T / temperature
+    labels = torch.arange(batch, device=query.device) + offset
+    return _virtual_label_loss(logits, labels, permutation.to(query.device) + offset, lam)
 
 
 def negative_cosine_similarity(prediction: Tensor, target: Tensor) -> Tensor:

@@ -9,6 +9,10 @@ in as many sub-batches, so each sub-batch has its own statistics and a key's sta
 from a random subset of images (the SplitBatchNorm trick of MoCo's CIFAR demo). Backbones
 without BatchNorm (ViT) skip the split. Keys are gathered from every rank before they are
 enqueued, so every rank holds the same queue.
+
+i-CutMix (``icutmix_alpha``, :mod:`hf_sslbd.methods.imix`; PatchSearch's retraining): the query
+view is CutMixed within the local batch before the online encoder, keys stay whole, and the loss
+takes i-Mix's virtual labels against the batch's keys and the queue (``imix_infonce_loss``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,16 @@ from transformers import PreTrainedModel
 
 from ..backbones import pooled_features
 from . import register_method
-from .distributed import batch_shuffle_distributed, batch_unshuffle_distributed, concat_all_gather, world_size
+from .distributed import (
+    batch_shuffle_distributed,
+    batch_unshuffle_distributed,
+    concat_all_gather,
+    rank,
+    world_size,
+)
 from .heads import mlp_head
-from .losses import infonce_queue_loss
+from .imix import check_icutmix, icutmix
+from .losses import imix_infonce_loss, infonce_queue_loss
 from .utils import (
     MomentumSync,
     ViewMethod,
@@ -58,11 +69,16 @@ class MoCoV2Config(ViewMethodConfig):
     temperature: float = 0.2
     #: one-process shuffle-BN emulation: encode queries / shuffled keys in this many sub-batches
     shuffle_bn_splits: int = 2
+    #: i-CutMix's Beta(alpha, alpha) concentration (i-Mix / PatchSearch: 1.0); None = off
+    icutmix_alpha: float | None = None
+    #: chance that a batch is i-CutMixed when icutmix_alpha is set
+    icutmix_prob: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         check_positive(self, "hidden_dim", "out_dim", "queue_size", "temperature", "shuffle_bn_splits")
         check_momentum(self, "momentum")
+        check_icutmix(self)
 
 
 def _has_batch_norm(module: nn.Module) -> bool:
@@ -124,14 +140,28 @@ class MoCoV2(ViewMethod, MomentumSync):
     def forward_views(self, backbone: PreTrainedModel, views: list[Tensor]) -> dict[str, Tensor]:
         query_view, key_view = views
         self.sync_momentum_once(backbone)
+        mixed = None
+        if self.config.icutmix_alpha is not None:
+            mixed = icutmix(query_view, self.config.icutmix_alpha, self.config.icutmix_prob)
+            query_view = mixed.images
         splits = self._splits(query_view.shape[0])
         features = torch.cat([pooled_features(backbone, chunk) for chunk in query_view.chunk(splits)])
         query = self.projector(features)
         key = F.normalize(self._keys(key_view, splits), dim=1)
-        loss = infonce_queue_loss(query, key, self.queue.clone(), self.config.temperature)
-        self.enqueue(concat_all_gather(key))
+        all_keys = concat_all_gather(key)
+        out, queue, temperature = {}, self.queue.clone(), self.config.temperature
+        if mixed is None:
+            loss = infonce_queue_loss(query, key, queue, temperature)
+        else:
+            # the partner's key is looked up among the keys of every rank (this rank's at offset)
+            offset = rank() * key.shape[0]
+            loss = imix_infonce_loss(
+                query, all_keys, queue, mixed.permutation, mixed.lam, temperature, offset
+            )
+            out["icutmix_lambda"] = torch.tensor(mixed.lam, device=loss.device)
+        self.enqueue(all_keys)
         positive = F.cosine_similarity(query.detach(), key, dim=1).mean()
-        return {"loss": loss, "positive_similarity": positive}
+        return {"loss": loss, "positive_similarity": positive, **out}
 
     @torch.no_grad()
     def on_optimizer_step(self, backbone: PreTrainedModel, progress: float) -> None:

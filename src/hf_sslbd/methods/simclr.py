@@ -1,5 +1,5 @@
 """SimCLR (Chen et al., 2020): two views, an MLP projector, NT-Xent with in-batch negatives
-gathered across ranks with gradients."""
+gathered across ranks with gradients; optionally i-CutMix (:mod:`hf_sslbd.methods.imix`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from ..backbones import pooled_features
 from . import register_method
 from .distributed import is_distributed
 from .heads import mlp_head
-from .losses import nt_xent_loss
+from .imix import check_icutmix, icutmix
+from .losses import imix_nt_xent_loss, nt_xent_loss
 from .utils import ViewMethod, ViewMethodConfig, check_positive
 
 
@@ -35,10 +36,15 @@ class SimCLRConfig(ViewMethodConfig):
     temperature: float = 0.2
     #: gather negatives from every rank (with gradients) when running on several
     gather_distributed: bool = True
+    #: i-CutMix's Beta(alpha, alpha) concentration (i-Mix / PatchSearch: 1.0); None = off
+    icutmix_alpha: float | None = None
+    #: chance that a batch is i-CutMixed when icutmix_alpha is set
+    icutmix_prob: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         check_positive(self, "hidden_dim", "out_dim", "num_layers", "temperature")
+        check_icutmix(self)
 
 
 @register_method
@@ -58,9 +64,23 @@ class SimCLR(ViewMethod):
         self.projector = mlp_head(feature_dim, config.hidden_dim, config.out_dim, config.num_layers)
 
     def forward_views(self, backbone: PreTrainedModel, views: list[Tensor]) -> dict[str, Tensor]:
+        gather = self.config.gather_distributed and is_distributed()
+        if self.config.icutmix_alpha is not None:
+            return self._forward_icutmix(backbone, views, gather)
         # one backbone pass over both views: BN statistics over all 2B images, as SimCLR's global BN
         z = self.projector(pooled_features(backbone, torch.cat(views, dim=0)))
         z_a, z_b = z.chunk(2)
-        gather = self.config.gather_distributed and is_distributed()
         loss = nt_xent_loss(z_a, z_b, self.config.temperature, gather_distributed=gather)
         return {"loss": loss}
+
+    def _forward_icutmix(
+        self, backbone: PreTrainedModel, views: list[Tensor], gather: bool
+    ) -> dict[str, Tensor]:
+        # the first view is mixed within the local batch, the second stays whole (i-Mix's N-pair)
+        mixed = icutmix(views[0], self.config.icutmix_alpha, self.config.icutmix_prob)
+        z = self.projector(pooled_features(backbone, torch.cat([mixed.images, views[1]], dim=0)))
+        z_a, z_b = z.chunk(2)
+        loss = imix_nt_xent_loss(
+            z_a, z_b, mixed.permutation, mixed.lam, self.config.temperature, gather_distributed=gather
+        )
+        return {"loss": loss, "icutmix_lambda": torch.tensor(mixed.lam, device=loss.device)}
