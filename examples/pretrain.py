@@ -19,7 +19,9 @@ out/backbone/ (a stock transformers backbone + preprocessor_config.json), out/ch
 out/train_log.jsonl and TensorBoard logs in out/runs. learning_rate is the base rate at batch 256:
 the rate used is learning_rate x (per-device batch x processes x accumulation) / 256. Method
 settings (temperature, queue size, heads, views ...) go in --method_config as JSON; unset ones
-keep the method's CIFAR defaults (see hf_sslbd.methods.<method> for each recipe).
+keep the method's CIFAR defaults (see hf_sslbd.methods.<method> for each recipe). MoCo v2 and
+SimCLR take i-CutMix (PatchSearch's retraining on a filtered variant, hf_sslbd.methods.imix):
+--method_config '{"icutmix_alpha": 1.0}' (off by default; "icutmix_prob" < 1 mixes only some batches).
 """
 
 import json
