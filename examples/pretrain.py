@@ -12,7 +12,7 @@ image dataset, clean or poisoned, with Accelerate.
     python examples/pretrain.py run.yaml --num_train_epochs 20
 
     # continue an interrupted run to the same result
-    accelerate launch examples/pretrain.py ... --resume_from_checkpoint latest
+    accelerate launch examples/pretrain.py ... --resume_from_checkpoint latest   # or auto: start or continue
 
 Outputs: out/ (the full SSL model: AutoModel.from_pretrained(out) after `import hf_sslbd`),
 out/backbone/ (a stock transformers backbone + preprocessor_config.json), out/checkpoints/step_N,

@@ -152,13 +152,16 @@ def test_resume_gives_the_same_parameters_as_uninterrupted(tiny_cifar, tmp_path)
     )  # fmt: skip
     whole = train(small_args(tiny_cifar, tmp_path / "whole", **common))
     assert whole.finished and whole.global_step == 5
-    first = train(small_args(tiny_cifar, tmp_path / "split", stop_after_step=3, **common))
+    # "auto": a fresh start in an empty folder, then a continuation with the same command
+    first = train(
+        small_args(tiny_cifar, tmp_path / "split", stop_after_step=3, resume_from_checkpoint="auto", **common)
+    )
     assert not first.finished and first.global_step == 3
     assert first.checkpoint == tmp_path / "split" / "checkpoints" / "step_3"
     assert not (tmp_path / "split" / "config.json").exists()  # no final model from a stopped run
     state = json.loads((first.checkpoint / "trainer_state.json").read_text())
     assert (state["epoch"], state["batches_done"]) == (1, 2)
-    second = train(small_args(tiny_cifar, tmp_path / "split", resume_from_checkpoint="latest", **common))
+    second = train(small_args(tiny_cifar, tmp_path / "split", resume_from_checkpoint="auto", **common))
     assert second.finished and second.global_step == 5
     expected = load_file(tmp_path / "whole" / "model.safetensors")
     got = load_file(tmp_path / "split" / "model.safetensors")

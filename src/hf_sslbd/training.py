@@ -154,7 +154,9 @@ class PretrainArguments:
     checkpoint_every_epoch: bool = _help("Checkpoint at the end of every epoch.", default=True)
     checkpoints_total_limit: int | None = _help("Keep only the newest N checkpoints.", default=None)
     resume_from_checkpoint: str | None = _help(
-        "'latest' (newest in output_dir/checkpoints) or a checkpoint folder.", default=None
+        "'latest' (newest in output_dir/checkpoints), a checkpoint folder, or 'auto' (latest when "
+        "there is one, else a fresh start: one command that starts and continues a run).",
+        default=None,
     )
     overwrite_output_dir: bool = _help(
         "Allow writing into an output_dir that already holds a run.", default=False
@@ -502,6 +504,14 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def resume_setting(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> str | None:
+    """``auto`` becomes ``latest`` when ``output_dir`` holds a checkpoint and None (a fresh start)
+    otherwise, so one command both starts a run and continues it after a kill."""
+    if resume_from_checkpoint != "auto":
+        return resume_from_checkpoint
+    return "latest" if list_checkpoints(output_dir) else None
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str) -> Path:
     """The folder ``--resume_from_checkpoint`` names; ``CheckpointError`` if there is none."""
     if resume_from_checkpoint == "latest":
@@ -679,6 +689,7 @@ def _tensorboard_available() -> bool:
 
 def _prepare_output_dir(args: PretrainArguments) -> None:
     output_dir = Path(args.output_dir)
+    args.resume_from_checkpoint = resume_setting(output_dir, args.resume_from_checkpoint)
     holds_run = (output_dir / "config.json").exists() or (output_dir / CHECKPOINTS_DIR).exists()
     if holds_run and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         raise FileExistsError(

@@ -96,7 +96,10 @@ class DistillationArguments:
     checkpoints_total_limit: int | None = _help(
         "Keep only the newest N checkpoints (a distillation checkpoints every short epoch).", default=2
     )
-    resume_from_checkpoint: str | None = _help("'latest' or a checkpoints/step_N folder.", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "'latest', a checkpoints/step_N folder, or 'auto' (latest when there is one, else a fresh start).",
+        default=None,
+    )
     overwrite_output_dir: bool = _help("Allow writing into an output_dir that holds a run.", default=False)
     logging_steps: int = _help("Log every N optimizer steps (train_log.jsonl).", default=10)
     channels_last: bool | None = _help("channels_last (default: on for CNNs on CPU).", default=None)

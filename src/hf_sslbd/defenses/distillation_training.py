@@ -48,6 +48,7 @@ from ..training import (
     micro_batch_seed,
     parameter_groups,
     resolve_checkpoint,
+    resume_setting,
 )
 from .clean_subset import CleanSubset, draw_clean_subset, given_clean_subset
 from .distillation import (
@@ -110,6 +111,7 @@ def load_clean_subset(args: DistillationArguments) -> tuple[datasets.Dataset, st
 
 def _check_output_dir(args: DistillationArguments) -> None:
     output_dir = Path(args.output_dir)
+    args.resume_from_checkpoint = resume_setting(output_dir, args.resume_from_checkpoint)
     holds_run = (output_dir / CLEAN_SUBSET_NAME).exists() or (output_dir / CHECKPOINTS_DIR).exists()
     if holds_run and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         raise FileExistsError(
