@@ -97,9 +97,13 @@ class PatchSearchConfig:
         default=0.10,
     )
     classifier_ensemble: int = _help("poison classifiers averaged (paper: 5)", default=5)
-    classifier_steps: int = _help("most SGD steps per classifier (paper: 2000 at batch 32)", default=2000)
-    classifier_batch_size: int = _help("classifier batch size (paper: 32)", default=32)
-    classifier_learning_rate: float = _help("SGD learning rate, cosine schedule (paper: 0.01)", default=0.01)
+    classifier_steps: int = _help(
+        "most SGD steps per classifier (paper: 2000 at batch 32, lr 0.01; on 32 px CIFAR that budget gave a "
+        "worse classifier, AUROC 0.89 vs 0.96 for 300 steps at batch 64, lr 0.05: RESULTS.md)",
+        default=300,
+    )
+    classifier_batch_size: int = _help("classifier batch size (paper: 32)", default=64)
+    classifier_learning_rate: float = _help("SGD learning rate, cosine schedule (paper: 0.01)", default=0.05)
     classifier_eval_interval: int = _help(
         "steps between the early-stop checks: F1 of the top-k ranked (as poisons) vs bottom-k (as clean) "
         "images (paper: 20)",
