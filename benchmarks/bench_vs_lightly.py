@@ -127,6 +127,7 @@ def ours(args: argparse.Namespace, method: str, setting: str) -> dict:
     iterator = iter(loader)
     data_times, view_times, model_times, flops = [], [], [], None
     for index in range(total):
+        wait_turn(args.lockstep)
         start = time.perf_counter()
         images = next(iterator)
         fetched = time.perf_counter()
@@ -148,6 +149,8 @@ def ours(args: argparse.Namespace, method: str, setting: str) -> dict:
             data_times.append(fetched - start)
             view_times.append(viewed - fetched)
             model_times.append(end - viewed)
+    wait_turn(args.lockstep)
+    bound = matmul_flops_per_second()
     return {
         "side": "ours",
         "torch": torch.__version__,
@@ -155,11 +158,19 @@ def ours(args: argparse.Namespace, method: str, setting: str) -> dict:
         "views_seconds": view_times,
         "model_seconds": model_times,
         "flops_per_step": flops,
-        "matmul_flops_per_second": matmul_flops_per_second(),
+        "matmul_flops_per_second": bound,
         "peak_rss_mb": rss_mb(peak=True),
         "baseline_rss_mb": baseline,
         "channels_last": cnn,
     }
+
+
+def wait_turn(lockstep: bool) -> None:
+    """In lockstep mode the driver alternates the two sides step by step: say the last step is
+    done, then wait for the go."""
+    if lockstep:
+        print("turn", flush=True)
+        sys.stdin.readline()
 
 
 def write_rows(dataset: str, count: int, path: str) -> None:
@@ -194,9 +205,8 @@ def summarise(result: dict, batch: int) -> dict:
     }
 
 
-def run_side(side: str, args: argparse.Namespace, method: str, setting: str, data_path: str) -> dict:
+def side_command(side: str, args: argparse.Namespace, method: str, setting: str, data_path: str) -> list[str]:
     batch = args.batch_for[setting]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     common = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     if side == "ours":
         command = [sys.executable, __file__, "--_child", f"{setting}:{method}", "--dataset", args.dataset,
@@ -209,12 +219,69 @@ def run_side(side: str, args: argparse.Namespace, method: str, setting: str, dat
                    "--setting", setting, "--size", str(size), "--batch", str(batch), "--data", data_path, *common]  # fmt: skip
         if args.lightly_channels_last:
             command.append("--channels_last")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    return command + (["--lockstep"] if args.lockstep else [])
+
+
+def child_env(args: argparse.Namespace) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+
+
+def run_side(side: str, args: argparse.Namespace, method: str, setting: str, data_path: str) -> dict:
+    """One side of a row, alone."""
+    command = side_command(side, args, method, setting, data_path)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["(no output)"]
         raise RuntimeError(f"{side} {setting} {method} failed: {lines[-1]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result | summarise(result, batch)
+    return result | summarise(result, args.batch_for[setting])
+
+
+def run_lockstep(
+    sides: tuple[str, str], args: argparse.Namespace, method: str, setting: str, data_path: str
+) -> dict[str, dict]:
+    """Both sides of a row alive at once, taking turns step by step (one computes while the other
+    waits), so that a change in the machine's load hits both alike."""
+    processes, logs = {}, {}
+    for side in sides:
+        logs[side] = tempfile.TemporaryFile(mode="w+")
+        processes[side] = subprocess.Popen(
+            side_command(side, args, method, setting, data_path), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=logs[side], text=True, env=child_env(args),
+        )  # fmt: skip
+
+    def await_turn(side: str) -> bool:
+        while line := processes[side].stdout.readline():  # skips anything a library prints
+            if line.strip() == "turn":
+                return True
+        return False  # the process ended (its error is read below)
+
+    try:
+        ready = {side: await_turn(side) for side in sides}  # built and loaded, waiting for step 1
+        for turn in range(args.warmup + args.steps + 1):  # the last turn: the matmul bound
+            order = sides if turn % 2 == 0 else sides[::-1]
+            for side in order:
+                if not ready[side]:
+                    continue
+                processes[side].stdin.write("go\n")
+                processes[side].stdin.flush()
+                if turn < args.warmup + args.steps:
+                    ready[side] = await_turn(side)
+        results = {}
+        for side in sides:
+            output, _ = processes[side].communicate()
+            if processes[side].returncode != 0:
+                logs[side].seek(0)
+                lines = logs[side].read().strip().splitlines() or ["(no output)"]
+                raise RuntimeError(f"{side} {setting} {method} failed: {lines[-1]}")
+            result = json.loads(output.strip().splitlines()[-1])
+            results[side] = result | summarise(result, args.batch_for[setting])
+        return results
+    finally:
+        for side in sides:
+            if processes[side].poll() is None:
+                processes[side].kill()
+            logs[side].close()
 
 
 def main() -> None:
@@ -236,6 +303,10 @@ def main() -> None:
     parser.add_argument("--lightly_python", default=LIGHTLY_PYTHON, help="python of lightly's venv")
     parser.add_argument("--lightly_channels_last", action="store_true", help="lightly in channels_last too")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile our backbone's forward")
+    parser.add_argument(
+        "--lockstep", action="store_true",
+        help="run both sides of a row at once, alternating step by step (robust to load changes)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="append one JSON line per side and row to this file")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,11 +341,19 @@ def main() -> None:
                 sides = ("ours", "lightly") if order % 2 == 0 else ("lightly", "ours")
                 order += 1
                 results = {}
-                for side in sides:
+                if args.lockstep:
                     try:
-                        results[side] = run_side(side, args, method, setting, data_path)
+                        results = run_lockstep(sides, args, method, setting, data_path)
                     except RuntimeError as error:
-                        print(f"{setting:15} {method:8} {side:7} FAILED: {error}", flush=True)
+                        print(f"{setting:15} {method:8} FAILED: {error}", flush=True)
+                for side in sides:
+                    if not args.lockstep:
+                        try:
+                            results[side] = run_side(side, args, method, setting, data_path)
+                        except RuntimeError as error:
+                            print(f"{setting:15} {method:8} {side:7} FAILED: {error}", flush=True)
+                            continue
+                    if side not in results:
                         continue
                     r = results[side]
                     print(

@@ -16,6 +16,7 @@ import copy
 import io
 import json
 import resource
+import sys
 import time
 
 import torch
@@ -176,6 +177,14 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def wait_turn(lockstep: bool) -> None:
+    """In lockstep mode the driver alternates the two sides step by step: say the last step is
+    done, then wait for the go."""
+    if lockstep:
+        print("turn", flush=True)
+        sys.stdin.readline()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True)
@@ -187,6 +196,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", required=True, help="JPEG bytes file written by bench_vs_lightly.py")
     parser.add_argument("--channels_last", action="store_true", help="not in lightly's examples")
+    parser.add_argument("--lockstep", action="store_true", help="wait for a line on stdin before each step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -210,6 +220,7 @@ def main() -> None:
     iterator = iter(loader)
     data_times, model_times, flops = [], [], None
     for index in range(args.warmup + args.steps):
+        wait_turn(args.lockstep)
         start = time.perf_counter()
         views = next(iterator)  # decode + lightly's transforms, per image, in this process
         fetched = time.perf_counter()
@@ -229,6 +240,7 @@ def main() -> None:
         if index >= args.warmup:
             data_times.append(fetched - start)
             model_times.append(end - fetched)
+    wait_turn(args.lockstep)
     bound = matmul_flops_per_second()
     print(
         json.dumps(
