@@ -99,8 +99,14 @@ class PatchSearchConfig:
     match_windows: int = _help("top-ranked candidate windows matched against the images", default=20)
     match_z: float = _help(
         "flag rows whose match score exceeds median + z x (median - 15.87% quantile) of all scores (a robust "
-        "sigma from the lower half, which the poisons do not reach); R1: clean max at 3.1, poisons >= 6.2",
-        default=5.0,
+        "sigma from the lower half, which the poisons do not reach); R1 10k: clean max at 3.0, poisons >= 5.5 "
+        "(contrast on)",
+        default=4.5,
+    )
+    match_contrast: bool = _help(
+        "weight the correlation by min(r, 1/r), r = patch contrast / window contrast (centred norms): a pasted "
+        "trigger keeps its contrast; without it a faint natural edge matches a flat-colour trigger's border",
+        default=True,
     )
     match_threshold: float | None = _help(
         "an explicit correlation threshold in [-1, 1] instead of the z rule", default=None
@@ -527,6 +533,7 @@ def run_patchsearch(
             threshold=config.match_threshold,
             subwindow=config.match_subwindow,
             stride=config.match_stride,
+            contrast=config.match_contrast,
             batch_size=config.batch_size,
             device=device,
             progress=progress,

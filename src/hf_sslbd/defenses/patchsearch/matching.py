@@ -6,6 +6,9 @@ correlation of the mean-centred pixels, over the three channels) between any of 
 any same-sized patch of the image: ``conv2d`` with the centred, unit-norm windows as filters,
 divided by each patch's own centred norm (from box sums of the image and its square). A pasted
 trigger scores near 1 wherever it is; clean patches rarely correlate with a textured pattern.
+By default the correlation is weighted by how well the patch's contrast (centred norm) matches
+the window's, min(r, 1/r): correlation alone ignores gain, so a faint natural edge would match
+the border of a flat-colour trigger as well as the trigger does.
 
 Partial misalignment: a window that the saliency placed a few pixels off the trigger still holds
 a shifted piece of it. With ``subwindow`` the windows are cut into ``subwindow``-sized crops (every
@@ -55,6 +58,13 @@ def match_filters(
     """The windows (uint8 or [0, 1] float (3, w, w)) as centred, unit-norm filters (K, 3, s, s):
     the windows themselves, or with ``subwindow`` every ``subwindow``-sized crop at ``stride`` px
     steps (plus the crop flush with the far edges). Flat windows (no pattern) are dropped."""
+    return centred_filters(windows, subwindow, stride)[0]
+
+
+def centred_filters(
+    windows: Sequence[Tensor] | Tensor, subwindow: int | None = None, stride: int = 2
+) -> tuple[Tensor, Tensor]:
+    """:func:`match_filters` and the centred norm (contrast) of each filter before scaling."""
     if len(windows) == 0:
         raise ValueError("no windows to match: the search found no candidate trigger")
     stack = torch.stack([torch.as_tensor(w) for w in windows]) if not isinstance(windows, Tensor) else windows
@@ -78,12 +88,17 @@ def match_filters(
     keep = norms > 1e-6
     if not bool(keep.any()):
         raise ValueError("every window is flat (one colour): there is no pattern to match")
-    return centred[keep] / norms[keep, None, None, None]
+    return centred[keep] / norms[keep, None, None, None], norms[keep]
 
 
-def correlation_map(images: Tensor, filters: Tensor) -> Tensor:
+def correlation_map(images: Tensor, filters: Tensor, contrasts: Tensor | None = None) -> Tensor:
     """Normalised cross-correlation (B, K, H - s + 1, W - s + 1) of [0, 1] ``images`` (B, C, H, W)
-    with centred unit-norm ``filters`` (K, C, s, s); flat image patches correlate 0."""
+    with centred unit-norm ``filters`` (K, C, s, s); flat image patches correlate 0.
+
+    With ``contrasts`` (K,: each window's centred norm) the correlation is multiplied by
+    min(r, 1 / r), r = the patch's centred norm / the window's: a pasted trigger keeps its pixel
+    values and so its contrast, while a faint natural edge that happens to have the same shape
+    (e.g. the border of a flat-colour trigger) does not."""
     size = int(filters.shape[-1])
     check_window(size, min(int(images.shape[-1]), int(images.shape[-2])))
     count = images.shape[1] * size * size
@@ -92,7 +107,11 @@ def correlation_map(images: Tensor, filters: Tensor) -> Tensor:
     squares = F.avg_pool2d(images.square().sum(1, keepdim=True), size, stride=1) * (size * size)
     patch_norm = (squares - sums.square() / count).clamp_min(0).sqrt()
     # the small floor keeps near-flat patches (noise only) from scoring high by dividing by ~0
-    return numerator / patch_norm.clamp_min(1e-2)
+    correlation = numerator / patch_norm.clamp_min(1e-2)
+    if contrasts is None:
+        return correlation
+    ratio = patch_norm / contrasts.view(1, -1, 1, 1).clamp_min(1e-6)
+    return correlation * torch.minimum(ratio, 1.0 / ratio.clamp_min(1e-6))
 
 
 def match_scores(
@@ -104,10 +123,12 @@ def match_scores(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    contrast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Best correlation of every row with any window (float64 (N,)) and the index of that window
     (int64 (N,), into ``windows``). ``load_images(rows)`` returns uint8 (B, 3, H, W) images."""
-    filters = match_filters(windows, subwindow, stride).to(device)
+    filters, norms = centred_filters(windows, subwindow, stride)
+    filters, contrasts = filters.to(device), (norms.to(device) if contrast else None)
     per_window = len(filters) // len(windows) if len(filters) % len(windows) == 0 else None
     scores = torch.empty(num_rows, dtype=torch.float64)
     best = torch.empty(num_rows, dtype=torch.int64)
@@ -115,7 +136,7 @@ def match_scores(
         for start in tqdm(range(0, num_rows, batch_size), desc="matching windows", disable=not progress):
             rows = list(range(start, min(start + batch_size, num_rows)))
             images = load_images(rows).to(device).float() / 255.0
-            peak = correlation_map(images, filters).amax(dim=(2, 3))
+            peak = correlation_map(images, filters, contrasts).amax(dim=(2, 3))
             value, index = peak.max(1)
             scores[start : start + len(rows)] = value.double().cpu()
             # crops are stacked offset-major (crop j of window i at j * K + i)
@@ -141,13 +162,14 @@ def flag_by_matching(
     load_images: Callable[[list[int]], Tensor],
     num_rows: int,
     windows: Sequence[Tensor] | Tensor,
-    z: float = 5.0,
+    z: float = 4.5,
     threshold: float | None = None,
     subwindow: int | None = None,
     stride: int = 2,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    contrast: bool = True,
 ) -> MatchResult:
     """Match the windows against every row and flag the rows above the threshold (explicit, or the
     robust rule of :func:`robust_threshold` with ``z``)."""
@@ -156,7 +178,7 @@ def flag_by_matching(
     if not z > 0:
         raise ValueError(f"match_z must be positive, got {z!r}")
     scores, best = match_scores(
-        load_images, num_rows, windows, subwindow, stride, batch_size, device, progress
+        load_images, num_rows, windows, subwindow, stride, batch_size, device, progress, contrast
     )
     rule, center, scale = robust_threshold(scores, z)
     cut = rule if threshold is None else float(threshold)
