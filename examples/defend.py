@@ -16,8 +16,10 @@ clean_subset.json (its row ids), defense_config.json, train_log.jsonl, a defende
 and, with --evaluate_on, evaluation/ (teacher and student reports beside the clean reference,
 before_after.md, fp_per_class_<probe>.png).
 patchsearch (hf_sslbd.defenses.patchsearch: --model <backdoored encoder> --dataset <poisoned data>
---dataset_config <variant>): patchsearch.json (detection metrics vs is_poisoned), per-row scores,
-top_windows.png and the filtered variant in <output_dir>/filtered (retrain on it with pretrain.py).
+--dataset_config <variant>): flags the rows that contain one of the found trigger windows
+(--flag_mode match, default; classifier: the paper's poison classifier; union: either).
+Outputs: patchsearch.json (detection metrics vs is_poisoned), per-row scores, top_windows.png
+and the filtered variant in <output_dir>/filtered (retrain on it with pretrain.py).
 """
 
 import argparse

@@ -29,6 +29,12 @@ from hf_sslbd.defenses.patchsearch import (
 )
 from hf_sslbd.defenses.patchsearch.clustering import KMeansError, assign, kmeans
 from hf_sslbd.defenses.patchsearch.filtering import write_filtered_variant
+from hf_sslbd.defenses.patchsearch.matching import (
+    correlation_map,
+    flag_by_matching,
+    match_filters,
+    robust_threshold,
+)
 from hf_sslbd.defenses.patchsearch.metrics import (
     auroc,
     average_ranks,
@@ -604,22 +610,46 @@ def _toy_config(**overrides) -> PatchSearchConfig:
 
 def test_run_patchsearch_flags_the_poisons_of_the_toy(tmp_path):
     dataset = _toy_dataset(150, 15, seed=8)
-    result = run_patchsearch((RedPatchEncoder().eval(), IDENTITY), dataset, _toy_config(), progress=False)
+    config = _toy_config(flag_mode="classifier")
+    result = run_patchsearch((RedPatchEncoder().eval(), IDENTITY), dataset, config, progress=False)
     m = result.metrics
     assert m["rows"] == 150 and m["poisoned_rows"] == 15
     assert m["topk_precision"]["5"] == 1.0 and m["auroc"] > 0.95
     # one small classifier trained for 80 steps: it ranks almost perfectly, its 0.5 cut is rougher
-    assert m["classifier_auroc"] > 0.98
+    assert m["classifier_auroc"] > 0.98 and "match_auroc" not in m
     assert m["recall"] >= 0.9 and m["clean_removed_fraction"] < 0.1
+    assert bool(
+        torch.isnan(
+            result.match_scores if result.match_scores is not None else torch.tensor(float("nan"))
+        ).all()
+    )
     assert m["top_windows_from_poisons"] == 5
     assert result.top_windows.shape == (5, 3, TRIGGER, TRIGGER)
     saved = result.save(tmp_path)
     report = json.loads((saved / "patchsearch.json").read_text())
     assert report["metrics"]["recall"] == m["recall"] and report["config"]["num_clusters"] == 8
     assert (saved / "top_windows.png").is_file()
-    again = run_patchsearch((RedPatchEncoder().eval(), IDENTITY), dataset, _toy_config(), progress=False)
+    again = run_patchsearch((RedPatchEncoder().eval(), IDENTITY), dataset, config, progress=False)
     assert torch.equal(torch.nan_to_num(again.scores, -1), torch.nan_to_num(result.scores, -1))
     assert torch.equal(again.probabilities, result.probabilities)
+
+
+def test_run_patchsearch_default_flags_the_toy_by_matching_the_windows(tmp_path):
+    dataset = _toy_dataset(150, 15, seed=8)
+    # the toy's images are flat 8 px blocks: their scores spread wider than real photos' (robust sigma
+    # 0.2 vs 0.07 on CIFAR-10), so the poisons (score 1.0) sit at 4 sigma, the clean maximum at 2.3
+    config = _toy_config(match_windows=5, match_z=3.0)
+    assert config.flag_mode == "match" and config.match_contrast
+    result = run_patchsearch((RedPatchEncoder().eval(), IDENTITY), dataset, config, progress=False)
+    m = result.metrics
+    assert m["match_auroc"] > 0.98 and "classifier_auroc" not in m
+    assert m["recall"] >= 0.9 and m["clean_removed_fraction"] < 0.05
+    assert bool(torch.isnan(result.probabilities).all()) and "classifier" not in result.timings
+    match = result.diagnostics["match"]
+    assert match["flagged"] == int(result.flagged.sum()) and match["threshold"] > match["center"]
+    saved = result.save(tmp_path)
+    report = json.loads((saved / "patchsearch.json").read_text())
+    assert report["config"]["flag_mode"] == "match" and report["metrics"]["recall"] == m["recall"]
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -737,3 +767,127 @@ def test_defend_cli_patchsearch_on_a_real_cifar10_variant(tmp_path, cifar10):
 
     with pytest.raises(VariantExistsError, match="overwrite"):
         defend.main(args)
+
+
+# ------------------------------------------------------------------------------ window matching
+def _textured_world(n: int = 300, poisoned: int = 30, patch: int = 8, seed: int = 0):
+    """uint8 (n, 3, 32, 32) smooth noisy images; the first ``poisoned`` carry a random-colour
+    checkerboard-like ``patch`` px trigger at a random place. Returns images, flags, corners, trigger."""
+    rng = np.random.default_rng(seed)
+    trigger = rng.uniform(0, 1, size=(patch, patch, 3))
+    images, corners = [], []
+    for index in range(n):
+        image = _smooth_image(rng, index % 3) + rng.normal(0, 0.03, size=(SIZE, SIZE, 3))
+        corner = None
+        if index < poisoned:
+            y, x = (int(v) for v in rng.integers(0, SIZE - patch + 1, size=2))
+            image[y : y + patch, x : x + patch] = trigger
+            corner = (y, x)
+        images.append(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+        corners.append(corner)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    flags = torch.arange(n) < poisoned
+    return pixels, flags, corners, torch.from_numpy(np.round(trigger * 255).astype(np.uint8)).permute(2, 0, 1)
+
+
+def _loader(pixels):
+    return lambda rows: pixels[rows]
+
+
+def test_correlation_map_is_the_pearson_correlation_of_each_patch():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 12, 12, generator=generator)
+    windows = torch.rand(3, 3, 5, 5, generator=generator)
+    result = correlation_map(images, match_filters(windows))
+    assert result.shape == (2, 3, 8, 8)
+    for b, k, y, x in [(0, 0, 0, 0), (1, 2, 7, 7), (0, 1, 3, 5)]:
+        patch = images[b, :, y : y + 5, x : x + 5].flatten().double()
+        window = windows[k].flatten().double()
+        expected = torch.corrcoef(torch.stack([patch, window]))[0, 1]
+        assert abs(float(result[b, k, y, x]) - float(expected)) < 1e-4
+    # the window itself, pasted, correlates 1 at its place; its negative -1
+    canvas = images[:1].clone()
+    canvas[0, :, 4:9, 2:7] = windows[1]
+    assert abs(float(correlation_map(canvas, match_filters(windows[1:2]))[0, 0, 4, 2]) - 1.0) < 1e-4
+    canvas[0, :, 4:9, 2:7] = 1 - windows[1]
+    assert abs(float(correlation_map(canvas, match_filters(windows[1:2]))[0, 0, 4, 2]) + 1.0) < 1e-4
+
+
+def test_matching_finds_a_planted_patch_with_high_recall_and_few_clean_rows():
+    pixels, flags, corners, trigger = _textured_world(300, 30, seed=1)
+    # windows as the search gives them: crops of poisoned images around the trigger, a pixel or two off
+    windows = []
+    for row, (dy, dx) in zip(range(3), [(0, 0), (1, -1), (-2, 1)], strict=True):
+        y, x = corners[row]
+        y, x = min(max(y + dy, 0), SIZE - 8), min(max(x + dx, 0), SIZE - 8)
+        windows.append(pixels[row, :, y : y + 8, x : x + 8])
+    result = flag_by_matching(_loader(pixels), len(pixels), windows, z=5.0, batch_size=64, progress=False)
+    m = removal_metrics(flags.numpy(), result.flagged.numpy())
+    assert m["recall"] >= 0.95 and m["clean_removed_fraction"] <= 0.01
+    assert auroc(flags.numpy(), result.scores.numpy()) > 0.99
+    assert result.scores[flags].min() > 0.8 and result.threshold < result.scores[flags].min()
+    assert result.best_window.min() >= 0 and result.best_window.max() < 3
+    # clean windows (crops of clean images) do not flag the poisons
+    clean = [pixels[row, :, 5:13, 5:13] for row in (100, 101, 102)]
+    other = flag_by_matching(_loader(pixels), len(pixels), clean, z=5.0, batch_size=64, progress=False)
+    assert removal_metrics(flags.numpy(), other.flagged.numpy())["recall"] < 0.2
+
+
+def test_subwindows_rescue_a_badly_misaligned_window():
+    pixels, flags, corners, _ = _textured_world(300, 30, patch=8, seed=2)
+    # a window half off the trigger: only its 4 x 8 lower part lies on it
+    row = next(r for r in range(30) if corners[r][0] >= 4)
+    y, x = corners[row]
+    windows = [pixels[row, :, y - 4 : y + 4, x : x + 8]]
+    whole = flag_by_matching(_loader(pixels), len(pixels), windows, progress=False)
+    crops = flag_by_matching(_loader(pixels), len(pixels), windows, subwindow=4, stride=1, progress=False)
+    whole_auroc = auroc(flags.numpy(), whole.scores.numpy())
+    crops_auroc = auroc(flags.numpy(), crops.scores.numpy())
+    # the whole window mixes trigger and background and ranks some clean rows above poisons; its best
+    # crop ranks every poison first (4 px crops also match natural texture closely, so their scores
+    # bunch near the top: the z rule separates them poorly, the ranking does not)
+    assert whole_auroc < 0.98 and crops_auroc == 1.0
+    assert crops.scores[flags].min() > crops.scores[~flags].max()
+
+
+def test_robust_threshold_ignores_a_minority_of_high_scores():
+    generator = torch.Generator().manual_seed(0)
+    clean = 0.4 + 0.05 * torch.randn(900, generator=generator, dtype=torch.float64)
+    mixed = torch.cat([clean, torch.full((100,), 0.95, dtype=torch.float64)])
+    threshold, center, scale = robust_threshold(mixed, z=5.0)
+    # the poisons move the median a little and the lower-half sigma hardly at all
+    assert abs(center - 0.4) < 0.01 and abs(scale - 0.05) < 0.007
+    assert abs(threshold - (center + 5 * scale)) < 1e-12 and 0.6 < threshold < 0.7
+    flagged = mixed > threshold
+    assert bool(flagged[900:].all()) and int(flagged[:900].sum()) == 0
+    # a larger z is stricter; an explicit threshold overrides the rule
+    assert robust_threshold(mixed, z=8.0)[0] > threshold
+    windows = torch.rand(2, 3, 4, 4, generator=generator)
+    pixels = (torch.rand(20, 3, 16, 16, generator=generator) * 255).to(torch.uint8)
+    explicit = flag_by_matching(_loader(pixels), 20, windows, threshold=-1.0, progress=False)
+    assert explicit.threshold == -1.0 and bool(explicit.flagged.all())
+
+
+def test_matching_bad_input():
+    pixels = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    window = torch.rand(1, 3, 20, 20)
+    with pytest.raises(WindowSizeError, match="window of 20 px is larger than the 16 px"):
+        flag_by_matching(_loader(pixels), 4, window, progress=False)
+    with pytest.raises(ValueError, match="no windows to match"):
+        match_filters([])
+    with pytest.raises(ValueError, match="every window is flat"):
+        match_filters(torch.full((2, 3, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="must be square"):
+        match_filters(torch.rand(1, 3, 4, 5))
+    with pytest.raises(
+        ValueError, match="subwindow must be an integer from 2 to the window size \\(4\\) px, got 5"
+    ):
+        match_filters(torch.rand(1, 3, 4, 4), subwindow=5)
+    with pytest.raises(ValueError, match="match_z must be positive, got 0"):
+        robust_threshold(torch.rand(10), z=0)
+    with pytest.raises(ValueError, match="match_threshold must be a correlation in \\[-1, 1\\]"):
+        flag_by_matching(_loader(pixels), 4, torch.rand(1, 3, 4, 4), threshold=1.5, progress=False)
+    with pytest.raises(ValueError, match="flag_mode must be one of"):
+        PatchSearchConfig(flag_mode="vote").validate()
+    with pytest.raises(ValueError, match="match_subwindow must be from 2 to window_size \\(10\\) px"):
+        PatchSearchConfig(window_size=10, match_subwindow=12).validate()

@@ -43,7 +43,7 @@ CARD_TEMPLATE = """---
 
 - **Defense**: {{ d.method }}; source `{{ d.source.dataset }}`{% if d.source.config %} configuration `{{ d.source.config }}`{% endif %}.
 - **Removed**: {{ d.removed_rows }} of {{ d.source_train_rows }} training rows (listed in `{{ d.removed_rows_file }}`); {{ info.counts.train.rows }} rows left.
-{% if d.detection %}- **Against the ground truth** (`is_poisoned`): recall of the poisons {{ "%.3f"|format(d.detection.recall) }}, precision {{ "%.3f"|format(d.detection.precision) }}, clean rows removed {{ "%.4f"|format(d.detection.clean_removed_fraction) }}; {{ info.counts.train.poisoned }} poisoned rows left in `train`.
+{% if d.detection %}- **Against the ground truth** (`is_poisoned`): recall of the poisons {{ "%.3f"|format(d.detection.recall) if d.detection.recall is not none else "n/a" }}, precision {{ "%.3f"|format(d.detection.precision) if d.detection.precision is not none else "n/a (nothing removed)" }}, clean rows removed {{ "%.4f"|format(d.detection.clean_removed_fraction) if d.detection.clean_removed_fraction is not none else "n/a" }}; {{ info.counts.train.poisoned }} poisoned rows left in `train`.
 {% endif %}- **Other splits**: {% for split in d.copied_splits %}`{{ split }}`{% if not loop.last %}, {% endif %}{% else %}none{% endfor %} copied unchanged from the source.
 {% if info.config %}- **Poisoning of the source**: trigger `{{ info.trigger_spec }}`, {{ info.config.mode }}{% if info.target %}, target `{{ info.target.name if info.target.name is not none else info.target.id }}`{% endif %}, seed {{ info.config.seed }} (full record in the YAML header).
 {% endif %}{% endfor %}

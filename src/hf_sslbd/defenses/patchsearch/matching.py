@@ -13,7 +13,9 @@ the border of a flat-colour trigger as well as the trigger does.
 Partial misalignment: a window that the saliency placed a few pixels off the trigger still holds
 a shifted piece of it. With ``subwindow`` the windows are cut into ``subwindow``-sized crops (every
 ``stride`` px) and the best crop counts, so the part of the window that lies on the trigger can
-match on its own.
+match on its own. Small crops also match natural texture closely, so their scores bunch near the
+top: they rank a misaligned trigger's images first, but the z rule below separates them less
+well than whole windows (use a larger ``z`` or an explicit threshold with them).
 
 Threshold: the scores of a poisoned set are two modes, clean rows (most of the data) and the
 poisons. The rule is robust to the poisons: centre = median of all scores, scale = median minus
