@@ -3,7 +3,8 @@ every training image.
 
 Training data (as the paper): images from the part of the ranking that looks clean (below the
 top ``top_fraction`` and above the bottom ``topk``), augmented (random resized crop, flip), half of
-them with one of the top-``topk`` candidate windows pasted at a random size and place (label 1),
+them with one of the top-``topk`` candidate windows pasted at a random place (label 1; at the
+window's own size by default, the paper resizes it by 0.33-1.33x: ``paste_scale``),
 the other half as they are (label 0); colour jitter and grayscale after the paste. SGD with a
 cosine schedule (the paper: batch 32, lr 0.01, up to 2000 steps; the defaults here, batch 64, lr
 0.05, 300 steps, gave the better classifier on 32 px CIFAR-10, see RESULTS.md).
@@ -42,7 +43,7 @@ class ClassifierSettings:
     batch_size: int = 64
     learning_rate: float = 0.05
     weight_decay: float = 1e-4
-    paste_scale: tuple[float, float] = (0.33, 1.33)
+    paste_scale: tuple[float, float] = (1.0, 1.0)
     threshold: float = 0.5
     backbone: str = "resnet10-cifar"
     width: int | None = 16
