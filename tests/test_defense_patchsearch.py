@@ -894,3 +894,13 @@ def test_matching_bad_input():
         PatchSearchConfig(flag_mode="vote").validate()
     with pytest.raises(ValueError, match="match_subwindow must be from 2 to window_size \\(10\\) px"):
         PatchSearchConfig(window_size=10, match_subwindow=12).validate()
+
+
+def test_best_window_names_the_matching_window_even_after_flat_ones_are_dropped():
+    pixels, flags, corners, trigger = _textured_world(120, 12, seed=3)
+    flat = torch.full((3, 8, 8), 128, dtype=torch.uint8)
+    windows = [flat, pixels[100, :, 0:8, 0:8], trigger]
+    for subwindow in (None, 4):
+        result = flag_by_matching(_loader(pixels), 120, windows, subwindow=subwindow, progress=False)
+        assert bool((result.best_window[flags] == 2).all())
+        assert set(result.best_window.tolist()) <= {1, 2}

@@ -65,8 +65,9 @@ def match_filters(
 
 def centred_filters(
     windows: Sequence[Tensor] | Tensor, subwindow: int | None = None, stride: int = 2
-) -> tuple[Tensor, Tensor]:
-    """:func:`match_filters` and the centred norm (contrast) of each filter before scaling."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`match_filters`, the centred norm (contrast) of each filter before scaling, and the
+    index of the window each filter comes from."""
     if len(windows) == 0:
         raise ValueError("no windows to match: the search found no candidate trigger")
     stack = torch.stack([torch.as_tensor(w) for w in windows]) if not isinstance(windows, Tensor) else windows
@@ -74,6 +75,7 @@ def centred_filters(
         raise ValueError(f"windows must be square (K, C, w, w) images, got shape {tuple(stack.shape)}")
     stack = stack.float() / 255.0 if stack.dtype == torch.uint8 else stack.float()
     size = int(stack.shape[-1])
+    source = torch.arange(len(stack))
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"match stride must be a positive integer, got {stride!r}")
     if subwindow is not None:
@@ -85,12 +87,13 @@ def centred_filters(
         stack = torch.cat(
             [stack[:, :, y : y + subwindow, x : x + subwindow] for y in offsets for x in offsets]
         )
+        source = source.repeat(len(offsets) ** 2)  # crops are stacked offset-major
     centred = stack - stack.mean(dim=(1, 2, 3), keepdim=True)
     norms = centred.flatten(1).norm(dim=1)
     keep = norms > 1e-6
     if not bool(keep.any()):
         raise ValueError("every window is flat (one colour): there is no pattern to match")
-    return centred[keep] / norms[keep, None, None, None], norms[keep]
+    return centred[keep] / norms[keep, None, None, None], norms[keep], source[keep]
 
 
 def correlation_map(images: Tensor, filters: Tensor, contrasts: Tensor | None = None) -> Tensor:
@@ -129,9 +132,8 @@ def match_scores(
 ) -> tuple[Tensor, Tensor]:
     """Best correlation of every row with any window (float64 (N,)) and the index of that window
     (int64 (N,), into ``windows``). ``load_images(rows)`` returns uint8 (B, 3, H, W) images."""
-    filters, norms = centred_filters(windows, subwindow, stride)
+    filters, norms, source = centred_filters(windows, subwindow, stride)
     filters, contrasts = filters.to(device), (norms.to(device) if contrast else None)
-    per_window = len(filters) // len(windows) if len(filters) % len(windows) == 0 else None
     scores = torch.empty(num_rows, dtype=torch.float64)
     best = torch.empty(num_rows, dtype=torch.int64)
     with torch.inference_mode():
@@ -141,8 +143,7 @@ def match_scores(
             peak = correlation_map(images, filters, contrasts).amax(dim=(2, 3))
             value, index = peak.max(1)
             scores[start : start + len(rows)] = value.double().cpu()
-            # crops are stacked offset-major (crop j of window i at j * K + i)
-            best[start : start + len(rows)] = (index % len(windows) if per_window else index).cpu()
+            best[start : start + len(rows)] = source[index.cpu()]
     return scores, best
 
 
