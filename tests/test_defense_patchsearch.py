@@ -904,3 +904,19 @@ def test_best_window_names_the_matching_window_even_after_flat_ones_are_dropped(
         result = flag_by_matching(_loader(pixels), 120, windows, subwindow=subwindow, progress=False)
         assert bool((result.best_window[flags] == 2).all())
         assert set(result.best_window.tolist()) <= {1, 2}
+
+
+def test_defend_cli_patchsearch_help_lists_the_flagging_options(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "defend.py"
+    spec = importlib.util.spec_from_file_location("defend_example_help", example)
+    defend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(defend)
+    with pytest.raises(SystemExit) as exit_info:
+        defend.main(["--method", "patchsearch", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--flag_mode", "--match_z", "--match_subwindow", "--classifier_paste_scale"):
+        assert flag in text

@@ -92,13 +92,13 @@ class PatchSearchConfig:
     prune_clusters: bool = _help("iterative search; false scores every image (slow)", default=True)
     flag_mode: str = _help(
         "how the training set is flagged: match (every image against the top-ranked windows by normalised "
-        "cross-correlation; on R1 10k: recall 1.0 at 0% clean removed, AUROC 1.0), classifier (the paper's poison "
-        "classifier ensemble; with same-size pastes recall 0.93 at 0.7% clean), union (rows that either flags)",
+        "cross-correlation; on R1 10k: recall 1.0 with no clean row removed, AUROC 1.0), classifier (the paper's poison "
+        "classifier ensemble; with same-size pastes recall 0.93 at 0.7 percent clean), union (rows that either flags)",
         default="match",
     )
     match_windows: int = _help("top-ranked candidate windows matched against the images", default=20)
     match_z: float = _help(
-        "flag rows whose match score exceeds median + z x (median - 15.87% quantile) of all scores (a robust "
+        "flag rows whose match score exceeds median + z x (median - 15.87 percent quantile) of all scores (a robust "
         "sigma from the lower half, which the poisons do not reach); R1 10k: clean max at 3.0, poisons >= 5.5 "
         "(contrast on)",
         default=4.5,
@@ -145,7 +145,7 @@ class PatchSearchConfig:
     classifier_paste_scale: list[float] = _help(
         "low high: a pasted window is resized by a random factor in this range (paper: 20-80 px for a "
         "60 px window, 0.33 1.33). Default 1 1, the window's own size (about the trigger's): on R1 10k, one "
-        "classifier's AUROC 0.958 -> 0.986, five: recall 0.929 at 0.7% clean removed (RESULTS.md)",
+        "classifier's AUROC 0.958 -> 0.986, five: recall 0.929 at 0.7 percent clean removed (RESULTS.md)",
         default_factory=lambda: [1.0, 1.0],
     )
     classifier_threshold: float = _help(
