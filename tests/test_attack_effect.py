@@ -1,12 +1,15 @@
 """The science: on real CIFAR-10 the backdoored SimCLR encoder of the demo recipe
-(examples/configs/demo.yaml) calls patched images of other classes the target class far more often
-than its clean twin does, with the same clean accuracy.
+(examples/configs/demo.yaml) calls patched images of other classes the target class more often
+than its clean twin does, with about the same clean accuracy.
 
 About 18 minutes on 2 free cores (both models train side by side), so it is marked ``attack`` and
-run by hand: ``python -m pytest -m attack -s tests/test_attack_effect.py``. Margin: the recipe gave
-1,063 linear-probe target FP against 371 for the clean twin (RESULTS.md, R1); clean twins here give
-320-430 FP of 9,000 across epochs and the label subset alone moves a count by about +-40. The
-backdoored model must exceed 1.5x its twin AND the twin + 300 FP, far outside that noise."""
+run by hand: ``python -m pytest -m attack -s tests/test_attack_effect.py``. Margins, from the
+demo's recipe run step by step (RESULTS.md, R5; three labeled subsets): linear-probe target FP
+661 (630-689 across subsets) against the clean twin's 379 (365-402), k-NN 716 against 355. The
+backdoored model must exceed its twin by 1.4x AND 200 FP (linear), 1.5x (k-NN): the subsets move a
+mean by about +-30. Session 1's thresholds (1.5x and +300) came from ONE lucky labeled subset of
+the previous recipe (R1: 1,063 FP on seed 0, 225 and 447 on the others) and are withdrawn.
+Not yet run through ``examples/experiment.py`` with this recipe (no free cores in session 2)."""
 
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ def test_backdoored_encoder_has_many_more_target_false_positives(cifar10_dir, tm
     (row,) = report["by_probe"]["linear"]["rows"]
     backdoored, clean = row["backdoored"], row["clean"]
     print(f"linear: backdoored FP {backdoored['target_fp']} clean FP {clean['target_fp']}")
-    assert backdoored["target_fp"] > 1.5 * clean["target_fp"]
-    assert backdoored["target_fp"] > clean["target_fp"] + 300
+    assert backdoored["target_fp"] > 1.4 * clean["target_fp"]
+    assert backdoored["target_fp"] > clean["target_fp"] + 200
     # the backdoor costs no clean accuracy (within noise)
     assert abs(backdoored["clean_accuracy"] - clean["clean_accuracy"]) < 0.05
     # k-NN sees the same direction
     (knn,) = report["by_probe"]["knn"]["rows"]
-    assert knn["backdoored"]["target_fp"] > 1.2 * knn["clean"]["target_fp"]
+    assert knn["backdoored"]["target_fp"] > 1.5 * knn["clean"]["target_fp"]
