@@ -50,6 +50,7 @@ import tempfile
 import time
 
 import torch
+from bench_pretrain import matmul_flops_per_second  # same directory; stdlib + torch only
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CIFAR10 = os.path.join(HERE, "..", "..", "shared", "datasets", "cifar10")
@@ -71,15 +72,6 @@ def rss_mb(peak: bool) -> float:
     with open("/proc/self/status") as status:
         line = next(row for row in status if row.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
-
-
-def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def ours(args: argparse.Namespace, method: str, setting: str) -> dict:

@@ -21,6 +21,7 @@ import time
 
 import torch
 import torchvision
+from bench_pretrain import matmul_flops_per_second  # same directory; stdlib + torch only
 from lightly.loss import NegativeCosineSimilarity, NTXentLoss
 from lightly.models.modules import heads
 from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
@@ -166,15 +167,6 @@ class JpegRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(Image.open(io.BytesIO(self.items[index])).convert("RGB"))
-
-
-def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def wait_turn(lockstep: bool) -> None:
