@@ -1,5 +1,6 @@
 """SSL pretraining with Accelerate: one loop for every method (the method says *what* to compute,
-this module *how* to train), shaped like transformers' ``run_mim_no_trainer.py``.
+:mod:`hf_sslbd.loop` *how* to train, the loop the distillation defense runs too), shaped like
+transformers' ``run_mim_no_trainer.py``; this module supplies the data, model and outputs.
 
 Data. The image column of ``--dataset`` (a Hub id or a folder) is decoded to uint8 tensors in the
 DataLoader (workers configurable), brought to one load size (``load_size``, default
@@ -33,14 +34,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-import re
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +50,37 @@ from transformers import PreTrainedModel, ViTConfig
 
 from .backbones import BACKBONES, backbone_config, check_image_size
 from .data import find_image_column, find_label_column, load_image_dataset
+from .loop import (
+    LOG_NAME,
+    OPTIMIZERS,
+    TRAINER_STATE_NAME,
+    CheckpointError,
+    JsonlLog,
+    LoopState,
+    RunSteps,
+    Schedule,
+    TrainingLoop,
+    finish,
+    identity_collate,
+    learning_rate_at,
+    list_checkpoints,
+    make_accelerator,
+    make_loader,
+    make_optimizer,
+    open_log,
+    parameter_groups,
+    prepare_output_dir,
+    resume,
+    run_identity,
+    scaled_learning_rate,
+)
 from .modeling import SSLConfig, SSLModel, _architecture, export_backbone, load_encoder
 from .preprocessing import Preprocessing, images_to_batch
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adamw")
 REPORT_TO = ("auto", "tensorboard", "none")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CHECKPOINTS_DIR = "checkpoints"
-TRAINER_STATE_NAME = "trainer_state.json"
-LOG_NAME = "train_log.jsonl"
 
 #: Starting points at batch 256 (scaled linearly to the effective batch), per method:
 #: (optimizer, base learning rate, weight decay). SimCLR's is the recipe run on CIFAR-10 here
@@ -80,10 +98,6 @@ OPTIMIZATION_DEFAULTS: dict[str, tuple[str, float, float]] = {
 }
 FALLBACK_OPTIMIZATION = ("sgd", 0.05, 5e-4)
 VIT_OPTIMIZATION = ("adamw", 5e-4, 0.05)
-
-
-class CheckpointError(ValueError):
-    """A missing checkpoint, or one that belongs to a different run."""
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -311,30 +325,6 @@ class ImageRows(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
 
-def identity_collate(batch: Tensor) -> Tensor:
-    return batch
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``: reruns and resumed runs see
-    the same order; ``set_epoch`` is called by the loop (through accelerate's DataLoader)."""
-
-    def __init__(self, num_rows: int, seed: int) -> None:
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        )
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
-
-
 def load_train_data(args: PretrainArguments) -> tuple[datasets.Dataset, str, dict[str, Any]]:
     """The training rows, their image column and the data provenance recorded in the model config."""
     dataset = load_image_dataset(
@@ -452,99 +442,8 @@ def optimization_defaults(args: PretrainArguments, backbone_config_obj: Any) -> 
     return optimizer, lr, wd
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: weights (decayed) and norms / biases (not decayed)."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(
-    name: str, groups: list[dict[str, Any]], lr: float, momentum: float
-) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"optimizer {name!r} is not one of {list(OPTIMIZERS)}")
-
-
-def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup_steps`` then cosine to 0 at ``total_steps``;
-    ``step`` is the 0-based index of the optimizer step about to be taken."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def micro_batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS_DIR / f"step_{step}"
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (with a trainer state) of a run, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / TRAINER_STATE_NAME).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def resume_setting(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> str | None:
-    """``auto`` becomes ``latest`` when ``output_dir`` holds a checkpoint and None (a fresh start)
-    otherwise, so one command both starts a run and continues it after a kill."""
-    if resume_from_checkpoint != "auto":
-        return resume_from_checkpoint
-    return "latest" if list_checkpoints(output_dir) else None
-
-
-def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str) -> Path:
-    """The folder ``--resume_from_checkpoint`` names; ``CheckpointError`` if there is none."""
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise CheckpointError(
-                f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR} "
-                f"(expected step_N folders holding {TRAINER_STATE_NAME})"
-            )
-        return found[-1]
-    path = Path(resume_from_checkpoint)
-    if not (path / TRAINER_STATE_NAME).is_file():
-        raise CheckpointError(
-            f"--resume_from_checkpoint {resume_from_checkpoint!r}: not a checkpoint folder (no {TRAINER_STATE_NAME}); "
-            "pass 'latest' or an output_dir/checkpoints/step_N folder"
-        )
-    return path
-
-
-#: trainer-state keys that must match between a checkpoint and the run resuming it
-_RUN_IDENTITY = (
-    "method",
-    "method_config",
-    "backbone_config",
-    "image_size",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_processes",
-    "seed",
-    "num_train_rows",
-    "data_fingerprint",
-    "max_train_steps",
-)
 
 
 def with_new_method_fields(saved: dict[str, Any]) -> dict[str, Any]:
@@ -559,51 +458,8 @@ def with_new_method_fields(saved: dict[str, Any]) -> dict[str, Any]:
     return {**saved, "method_config": {**defaults, **config}}
 
 
-def check_checkpoint_matches(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Raise ``CheckpointError`` naming every identity field (and sub-field) that differs."""
-    current = json.loads(json.dumps(current, default=str))  # compare as stored (JSON keys, lists)
-    differing = [key for key in _RUN_IDENTITY if saved.get(key) != current.get(key)]
-    if differing:
-        details = "; ".join(_difference(k, saved.get(k), current.get(k)) for k in differing)
-        raise CheckpointError(f"checkpoint {path} belongs to a different run ({details})")
-
-
-def _difference(key: str, saved: Any, current: Any) -> str:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        saved = {k: saved.get(k) for k in keys}
-        current = {k: current.get(k) for k in keys}
-    return f"{key}: checkpoint {_short(saved)} vs now {_short(current)}"
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 # --------------------------------------------------------------------------------------------------
-# Logging and the k-NN monitor
-
-
-class JsonlLog:
-    """Append-only JSON lines on the main process; on resume, lines past the resumed step go."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif enabled and resume_step is None and path.exists():
-            path.unlink()
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+# The k-NN monitor
 
 
 class KNNMonitor:
@@ -663,7 +519,7 @@ class KNNMonitor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
+# The run
 
 
 @dataclass
@@ -687,332 +543,181 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def _prepare_output_dir(args: PretrainArguments) -> None:
-    output_dir = Path(args.output_dir)
-    args.resume_from_checkpoint = resume_setting(output_dir, args.resume_from_checkpoint)
-    holds_run = (output_dir / "config.json").exists() or (output_dir / CHECKPOINTS_DIR).exists()
-    if holds_run and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"output_dir {output_dir} already holds a run (config.json or checkpoints/); pass "
-            "--resume_from_checkpoint latest to continue it or --overwrite_output_dir to replace it"
-        )
+def _use_tensorboard(args: PretrainArguments) -> bool:
+    if args.report_to == "tensorboard" and not _tensorboard_available():
+        raise ValueError("report_to='tensorboard' but tensorboard is not installed (pip install tensorboard)")
+    return args.report_to == "tensorboard" or (args.report_to == "auto" and _tensorboard_available())
 
 
-def train(args: PretrainArguments) -> TrainResult:
-    """Run (or resume) a pretraining run; see the module docstring."""
-    from accelerate import Accelerator, skip_first_batches
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
-    from tqdm.auto import tqdm
-
-    args.validate()
-    _prepare_output_dir(args)
-    method_config = resolve_method_config(args)  # unknown method / bad overrides fail before any work
-    if args.model_name_or_path is None:  # unknown preset / bad width: before the data is loaded
+def _check_preset(args: PretrainArguments) -> None:
+    """An unknown preset or a bad width fails here, before the data is loaded."""
+    if args.model_name_or_path is None:
         check_image_size(
             backbone_config(
                 args.backbone, args.image_size, width=args.backbone_width, stem_stride=args.stem_stride
             ),
             args.image_size,
         )
-    use_tensorboard = args.report_to == "tensorboard" or (
-        args.report_to == "auto" and _tensorboard_available()
-    )
-    if args.report_to == "tensorboard" and not _tensorboard_available():
-        raise ValueError("report_to='tensorboard' but tensorboard is not installed (pip install tensorboard)")
-    # each run owns its Accelerator: forget an earlier run's settings in this process (mixed
-    # precision, accumulation); the process group (PartialState), if any, is kept
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+
+
+def _channels_last(args: PretrainArguments, backbone_cfg: Any, device: torch.device) -> bool:
+    if args.channels_last is not None:
+        return args.channels_last
+    return not isinstance(backbone_cfg, ViTConfig) and device.type == "cpu"
+
+
+class _KNNCheck:
+    """The k-NN monitor at the end of every ``knn_every_epochs`` epochs and of the run. Every
+    process calls it (the barrier); only the main process computes."""
+
+    def __init__(
+        self, args: PretrainArguments, accelerator: Any, model: SSLModel, channels_last: bool, log: JsonlLog
+    ) -> None:
+        self.args, self.accelerator, self.model, self.channels_last, self.log = (
+            args, accelerator, model, channels_last, log,
+        )  # fmt: skip
+        enabled = args.knn_monitor and accelerator.is_main_process
+        self.knn = KNNMonitor(args, model.config.preprocessing()) if enabled else None
+        self.monitored_step = -1
+
+    def after_epoch(self, state: LoopState, max_train_steps: int) -> None:
+        if state.epoch % self.args.knn_every_epochs == 0 or state.global_step >= max_train_steps:
+            self(state)
+
+    def __call__(self, state: LoopState) -> None:
+        if not self.args.knn_monitor or self.monitored_step == state.global_step:
+            return
+        self.monitored_step = state.global_step
+        if self.knn is not None:
+            accuracy = self.knn.accuracy(self.model.backbone, self.accelerator.device, self.channels_last)
+            self.log.write({"step": state.global_step, "epoch": state.epoch, "knn_accuracy": accuracy})
+            self.accelerator.log({"knn_accuracy": accuracy}, step=state.global_step)  # no-op without trackers
+        self.accelerator.wait_for_everyone()
+
+
+def _save_final(
+    model: SSLModel, output_dir: Path, training_args: dict[str, Any], provenance: dict[str, Any]
+) -> None:
+    model.config.training_args = training_args
+    model.config.data = provenance
+    model.save_pretrained(output_dir)
+    export_backbone(model, output_dir / "backbone")
+
+
+def train(args: PretrainArguments) -> TrainResult:
+    """Run (or resume) a pretraining run; see the module docstring."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    args.validate()
+    prepare_output_dir(args, run_marker="config.json")
+    method_config = resolve_method_config(args)  # unknown method / bad overrides fail before any work
+    _check_preset(args)
+    use_tensorboard = _use_tensorboard(args)
+    accelerator = make_accelerator(
+        args,
         log_with="tensorboard" if use_tensorboard else None,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
-        ),
-        # our sampler is seeded per epoch already; accelerate must not swap it
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
-        rng_types=[],
+        logging_dir=os.path.join(args.output_dir, "runs"),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)
         ],
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     torch.manual_seed(args.seed)  # model init: identical on every rank
 
     # ---- data
     dataset, image_column, provenance = load_train_data(args)
     load_size = args.load_size or args.image_size
-    preprocessing = Preprocessing(image_size=load_size, resize_size=load_size)
-    rows = ImageRows(dataset, image_column, preprocessing)
+    rows = ImageRows(dataset, image_column, Preprocessing(image_size=load_size, resize_size=load_size))
     forward_batch = args.per_device_train_batch_size * world
     if len(rows) < forward_batch:
         raise ValueError(
             f"{len(rows)} training rows are fewer than one global batch ({args.per_device_train_batch_size} x "
             f"{world} processes = {forward_batch}); lower the batch size or use more data"
         )
-    sampler = EpochSampler(len(rows), args.seed)
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_size=args.per_device_train_batch_size,
-        sampler=sampler,
-        drop_last=True,  # same-size batches: BN statistics, queue sizes and view shapes stay fixed
-        collate_fn=identity_collate,
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),  # never draws from the global RNG
-    )
+    loader, sampler = make_loader(rows, args)
 
-    # ---- model
+    # ---- model and optimisation
     model = build_model(args, method_config, provenance)
-    method = model.method
-    method.check_batch_size(forward_batch)
+    model.method.check_batch_size(forward_batch)
     backbone_cfg = model.config.backbone()
-    is_cnn = not isinstance(backbone_cfg, ViTConfig)
-    channels_last = (
-        args.channels_last
-        if args.channels_last is not None
-        else (is_cnn and accelerator.device.type == "cpu")
-    )
+    channels_last = _channels_last(args, backbone_cfg, accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.torch_compile:
         model.backbone.forward = torch.compile(model.backbone.forward)
     optimizer_name, base_lr, weight_decay = optimization_defaults(args, backbone_cfg)
     effective_batch = forward_batch * args.gradient_accumulation_steps
-    peak_lr = base_lr * effective_batch / 256
+    peak_lr = scaled_learning_rate(base_lr, effective_batch)
     optimizer = make_optimizer(optimizer_name, parameter_groups(model, weight_decay), peak_lr, args.momentum)
-
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped: SSLModel = accelerator.unwrap_model(model)
-
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        max_train_steps = args.num_train_epochs * steps_per_epoch
-    else:
-        max_train_steps = args.max_train_steps
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup_steps = min(int(round(args.warmup_epochs * steps_per_epoch)), max_train_steps)
-    stop_step = min(args.stop_after_step or max_train_steps, max_train_steps)
-
-    identity = {
-        "method": args.method,
-        "method_config": method_config,
-        "backbone_config": _architecture(backbone_cfg),
-        "image_size": args.image_size,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": world,
-        "seed": args.seed,
-        "num_train_rows": len(rows),
-        "data_fingerprint": provenance.get("fingerprint"),
-        "max_train_steps": max_train_steps,
-    }
-    schedule = {
+    schedule = Schedule.resolve(args, len(loader), peak_lr)
+    identity = run_identity(
+        args, world, schedule, method=args.method, method_config=method_config,
+        backbone_config=_architecture(backbone_cfg), image_size=args.image_size, num_train_rows=len(rows),
+        data_fingerprint=provenance.get("fingerprint"),
+    )  # fmt: skip
+    resolved = {
         "optimizer": optimizer_name,
         "base_learning_rate": base_lr,
         "peak_learning_rate": peak_lr,
         "weight_decay": weight_decay,
         "effective_batch_size": effective_batch,
         "num_processes": world,
-        "steps_per_epoch": steps_per_epoch,
-        "max_train_steps": max_train_steps,
-        "num_epochs": num_epochs,
-        "warmup_steps": warmup_steps,
+        **schedule.step_counts(),
         "channels_last": channels_last,
         "load_size": load_size,
     }
 
-    # ---- resume
-    global_step, start_epoch, batches_done = 0, 0, 0
-    resumed_from = None
-    if args.resume_from_checkpoint is not None:
-        resumed_from = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        state = json.loads((resumed_from / TRAINER_STATE_NAME).read_text())
-        saved_identity = with_new_method_fields(state.get("identity", {}))
-        check_checkpoint_matches(saved_identity, identity, resumed_from)
-        accelerator.load_state(str(resumed_from))
-        global_step, start_epoch, batches_done = state["global_step"], state["epoch"], state["batches_done"]
-        logger.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            resumed_from,
-            global_step,
-            start_epoch,
-            batches_done,
-        )
-
+    # ---- resume, outputs, loop
+    state, resumed_from = resume(accelerator, args, identity, upgrade_identity=with_new_method_fields)
     output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(output_dir / LOG_NAME, accelerator.is_main_process, global_step if resumed_from else None)
+    log = open_log(accelerator, output_dir, state.global_step if resumed_from else None)
     if use_tensorboard:
         flat = {
-            k: v for k, v in {**args.to_dict(), **schedule}.items() if isinstance(v, int | float | str | bool)
+            k: v for k, v in {**args.to_dict(), **resolved}.items() if isinstance(v, int | float | str | bool)
         }
         accelerator.init_trackers("pretrain", config=flat)
-    knn = (
-        KNNMonitor(args, unwrapped.config.preprocessing())
-        if args.knn_monitor and accelerator.is_main_process
-        else None
+    knn = _KNNCheck(args, accelerator, unwrapped, channels_last, log)
+    steps = RunSteps(
+        forward=model,
+        after_optimizer_step=lambda step: unwrapped.method.on_optimizer_step(
+            unwrapped.backbone, step / schedule.max_train_steps
+        ),
+        after_epoch=lambda state: knn.after_epoch(state, schedule.max_train_steps),
     )
-
-    def save_checkpoint(epoch: int, batches: int) -> Path:
-        path = checkpoint_dir(output_dir, global_step)
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            state = {
-                "global_step": global_step,
-                "epoch": epoch,
-                "batches_done": batches,
-                "identity": identity,
-            }
-            (path / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2))
-            if args.checkpoints_total_limit is not None:
-                for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return path
-
-    monitored_step = -1
-
-    def monitor(epoch: int) -> None:
-        # every rank calls this (the barrier below); only the main process computes
-        nonlocal monitored_step
-        if not args.knn_monitor or monitored_step == global_step:
-            return
-        monitored_step = global_step
-        if knn is not None:
-            accuracy = knn.accuracy(unwrapped.backbone, accelerator.device, channels_last)
-            log.write({"step": global_step, "epoch": epoch, "knn_accuracy": accuracy})
-            if use_tensorboard:
-                accelerator.log({"knn_accuracy": accuracy}, step=global_step)
-        accelerator.wait_for_everyone()
-
-    progress = tqdm(
-        total=stop_step, initial=global_step, disable=not accelerator.is_local_main_process or args.disable_tqdm,
-        desc=f"{args.method} pretraining",
-    )  # fmt: skip
-    model.train()
-    window: dict[str, list[float]] = {}
-    window_images, window_start, data_time = 0, time.perf_counter(), 0.0
-    last_loss, speeds, last_checkpoint = None, [], None
-    epoch = start_epoch
-    while global_step < stop_step and epoch < num_epochs:
-        loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)  # the same object accelerate's shard iterates; set it whatever the wrapping
-        skip = batches_done if epoch == start_epoch else 0
-        epoch_loader = skip_first_batches(loader, skip) if skip else loader
-        batch_index = skip
-        fetch_start = time.perf_counter()
-        for images in epoch_loader:
-            data_time += time.perf_counter() - fetch_start
-            torch.manual_seed(micro_batch_seed(args.seed, epoch, batch_index, rank))
-            with accelerator.accumulate(model):
-                outputs = model(images)
-                loss = outputs["loss"]
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    lr = learning_rate_at(global_step, max_train_steps, warmup_steps, peak_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_index += 1
-            for key, value in outputs.items():
-                if isinstance(value, Tensor) and value.numel() == 1:
-                    window.setdefault(key, []).append(float(value.detach()))
-            window_images += images.shape[0] * world
-            if accelerator.sync_gradients:
-                global_step += 1
-                unwrapped.method.on_optimizer_step(unwrapped.backbone, global_step / max_train_steps)
-                progress.update(1)
-                if global_step % args.logging_steps == 0 or global_step == stop_step:
-                    elapsed = time.perf_counter() - window_start
-                    means = {k: float(np.mean(v)) for k, v in window.items()}
-                    if world > 1:
-                        reduced = accelerator.reduce(
-                            torch.tensor(list(means.values()), device=accelerator.device), "mean"
-                        )
-                        means = dict(zip(means, reduced.tolist(), strict=True))
-                    record = {
-                        "step": global_step,
-                        "epoch": epoch + batch_index / len(loader),
-                        "lr": lr,
-                        **means,
-                        "images_per_second": window_images / elapsed,
-                        "data_time_fraction": data_time / elapsed,
-                    }
-                    log.write(record)
-                    if use_tensorboard:
-                        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
-                    progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{lr:.3g}")
-                    last_loss = means.get("loss")
-                    speeds.append(record["images_per_second"])
-                    window, window_images, data_time = {}, 0, 0.0
-                    window_start = time.perf_counter()
-                end_of_epoch = batch_index == len(loader)
-                if (
-                    args.checkpointing_steps
-                    and global_step % args.checkpointing_steps == 0
-                    and not end_of_epoch
-                ):
-                    last_checkpoint = save_checkpoint(epoch, batch_index)
-                if global_step >= stop_step:
-                    break
-            fetch_start = time.perf_counter()
-        epoch_complete = batch_index == len(loader)
-        if epoch_complete:
-            epoch += 1
-            batches_done = 0
-            if args.checkpoint_every_epoch or (global_step >= stop_step and global_step < max_train_steps):
-                last_checkpoint = save_checkpoint(epoch, 0)
-            if epoch % args.knn_every_epochs == 0 or global_step >= max_train_steps:
-                monitor(epoch)
-        elif global_step >= stop_step and global_step < max_train_steps:
-            if last_checkpoint != checkpoint_dir(output_dir, global_step):
-                last_checkpoint = save_checkpoint(epoch, batch_index)
-            break
-        else:
-            break
-    progress.close()
-
-    finished = global_step >= max_train_steps
-    if finished:
-        monitor(epoch)  # stopped mid-epoch by max_train_steps: the final k-NN accuracy (no-op if done)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = accelerator.unwrap_model(model)
-            final.config.training_args = {
-                **args.to_dict(),
-                "resolved": schedule,
-                "resumed_from": str(resumed_from or ""),
-            }
-            final.config.data = provenance
-            final.save_pretrained(output_dir)
-            export_backbone(final, output_dir / "backbone")
-        accelerator.wait_for_everyone()
-    accelerator.end_training()
+    result = TrainingLoop(
+        accelerator, model, optimizer, loader, sampler, schedule, args, identity, log, steps,
+        description=f"{args.method} pretraining",
+    ).run(state)  # fmt: skip
+    if result.finished:
+        knn(state)  # stopped mid-epoch by max_train_steps: the final k-NN accuracy (no-op if done)
+    training_args = {**args.to_dict(), "resolved": resolved, "resumed_from": str(resumed_from or "")}
+    finish(
+        accelerator, result.finished, partial(_save_final, unwrapped, output_dir, training_args, provenance)
+    )
     return TrainResult(
         output_dir=output_dir,
-        global_step=global_step,
-        finished=finished,
-        last_loss=last_loss,
-        images_per_second=float(np.mean(speeds)) if speeds else None,
+        global_step=state.global_step,
+        finished=result.finished,
+        last_loss=result.last_loss,
+        images_per_second=result.images_per_second,
         log_path=output_dir / LOG_NAME,
-        checkpoint=last_checkpoint,
+        checkpoint=result.checkpoint,
     )
 
 
 __all__ = [
     "OPTIMIZATION_DEFAULTS",
-    "CheckpointError",
     "PretrainArguments",
     "TrainResult",
     "build_model",
-    "learning_rate_at",
     "parse_pretrain_args",
     "train",
+    # defined in hf_sslbd.loop since the loop is shared with the defenses; still importable from here
+    "TRAINER_STATE_NAME",
+    "CheckpointError",
+    "identity_collate",
+    "learning_rate_at",
+    "list_checkpoints",
 ]

@@ -1,6 +1,6 @@
-"""The Accelerate loop of the distillation defense, built from the pretraining loop's pieces
-(:mod:`hf_sslbd.training`: data rows and sampler, lr schedule, parameter groups, checkpoints,
-JSONL log), so it resumes exactly like pretraining: ``output_dir/checkpoints/step_N``, and
+"""The distillation defense's run: the training loop of pretraining (:mod:`hf_sslbd.loop`) with
+the distiller's forward (a view, the frozen teacher's embeddings, the CompRess loss) and its 2q
+momentum update, so it resumes exactly like pretraining: ``output_dir/checkpoints/step_N``, and
 ``--resume_from_checkpoint latest`` ends with the same student as an uninterrupted run.
 
 Outputs in ``output_dir``: the student as a plain ``transformers`` backbone (``config.json``,
@@ -15,41 +15,41 @@ optimizer live in the checkpoints only.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import shutil
-import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..backbones import feature_dim, pooled_features
 from ..data import find_image_column, load_image_dataset
 from ..evaluation.features import model_fingerprint, uses_channels_last
+from ..loop import (
+    LOG_NAME,
+    RunSteps,
+    Schedule,
+    TrainingLoop,
+    finish,
+    make_accelerator,
+    make_loader,
+    make_optimizer,
+    open_log,
+    parameter_groups,
+    prepare_output_dir,
+    resume,
+    run_identity,
+    scaled_learning_rate,
+)
 from ..modeling import _architecture, load_encoder
 from ..preprocessing import Preprocessing
-from ..training import (
-    CHECKPOINTS_DIR,
-    LOG_NAME,
-    TRAINER_STATE_NAME,
-    EpochSampler,
-    ImageRows,
-    JsonlLog,
-    check_checkpoint_matches,
-    checkpoint_dir,
-    identity_collate,
-    learning_rate_at,
-    list_checkpoints,
-    make_optimizer,
-    micro_batch_seed,
-    parameter_groups,
-    resolve_checkpoint,
-    resume_setting,
-)
+from ..training import ImageRows
+from ..views import Views
 from .clean_subset import CleanSubset, draw_clean_subset, given_clean_subset
 from .distillation import (
     CompRessDistiller,
@@ -60,6 +60,9 @@ from .distillation import (
     resolve_bank_size,
 )
 from .report import CLEAN_SUBSET_NAME, DEFENSE_NAME, save_student, teacher_ssl_config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +112,6 @@ def load_clean_subset(args: DistillationArguments) -> tuple[datasets.Dataset, st
     return split, image_column, subset
 
 
-def _check_output_dir(args: DistillationArguments) -> None:
-    output_dir = Path(args.output_dir)
-    args.resume_from_checkpoint = resume_setting(output_dir, args.resume_from_checkpoint)
-    holds_run = (output_dir / CLEAN_SUBSET_NAME).exists() or (output_dir / CHECKPOINTS_DIR).exists()
-    if holds_run and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"output_dir {output_dir} already holds a run; pass --resume_from_checkpoint latest to continue it "
-            "or --overwrite_output_dir to replace it"
-        )
-
-
 def _data_fingerprint(subset: CleanSubset) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(subset.source.get("fingerprint")).encode())
@@ -127,22 +119,56 @@ def _data_fingerprint(subset: CleanSubset) -> str:
     return digest.hexdigest()
 
 
+def _distillation_forward(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    views: Views,
+    accelerator: Accelerator,
+    channels_last: bool,
+) -> Callable[[Tensor], Mapping[str, Tensor]]:
+    """One micro-batch: a view of the images, the frozen teacher's embeddings of it, and the
+    distiller's outputs (its loss pulls the student's similarities towards the teacher's)."""
+
+    def forward(images: Tensor) -> Mapping[str, Tensor]:
+        (view,) = views(images)
+        if channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), accelerator.autocast():
+            teacher_embeddings = pooled_features(teacher, view).float()
+        return model(view, teacher_embeddings)
+
+    return forward
+
+
+def _save_final(
+    args: DistillationArguments,
+    student: torch.nn.Module,
+    output_dir: Path,
+    preprocessing: Preprocessing,
+    resolved: dict[str, Any],
+    subset: CleanSubset,
+) -> None:
+    teacher_record = {
+        "name_or_path": args.teacher,
+        "revision": args.teacher_revision,
+        "config": teacher_ssl_config(args.teacher),
+    }
+    record = {
+        "defense": DEFENSE_NAME,
+        "arguments": args.to_dict(),
+        "resolved": resolved,
+        "teacher": teacher_record,
+        "clean_data": subset.summary(),
+    }
+    save_student(student, output_dir, preprocessing, record)
+
+
 def distill(args: DistillationArguments) -> DistillationResult:
     """Run (or resume) a CompRess distillation; see the module docstring."""
-    from accelerate import Accelerator, skip_first_batches
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-    from tqdm.auto import tqdm
-
     args.validate()
-    _check_output_dir(args)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),  # our sampler is seeded
-        rng_types=[],
-    )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    prepare_output_dir(args, run_marker=CLEAN_SUBSET_NAME)
+    accelerator = make_accelerator(args)
+    world = accelerator.num_processes
     output_dir = Path(args.output_dir)
 
     # ---- teacher, student (sizes checked before any data is read)
@@ -168,17 +194,7 @@ def distill(args: DistillationArguments) -> DistillationResult:
     rows = ImageRows(
         split.select(subset.indices), image_column, Preprocessing(image_size=load_size, resize_size=load_size)
     )
-    sampler = EpochSampler(len(rows), args.seed)
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_size=args.per_device_train_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=identity_collate,
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader, sampler = make_loader(rows, args)
 
     # ---- model and optimisation
     model = CompRessDistiller(
@@ -192,7 +208,7 @@ def distill(args: DistillationArguments) -> DistillationResult:
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     effective_batch = forward_batch * args.gradient_accumulation_steps
-    peak_lr = args.learning_rate * effective_batch / 256
+    peak_lr = scaled_learning_rate(args.learning_rate, effective_batch)
     optimizer = make_optimizer(
         args.optimizer, parameter_groups(model, args.weight_decay), peak_lr, args.momentum
     )
@@ -200,12 +216,7 @@ def distill(args: DistillationArguments) -> DistillationResult:
     unwrapped: CompRessDistiller = accelerator.unwrap_model(model)
     teacher = teacher.to(accelerator.device)
     views = distillation_views(args, preprocessing).to(accelerator.device)
-
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup_steps = min(int(round(args.warmup_epochs * steps_per_epoch)), max_train_steps)
-    stop_step = min(args.stop_after_step or max_train_steps, max_train_steps)
+    schedule = Schedule.resolve(args, len(loader), peak_lr)
     settings = {
         "compress_variant": args.compress_variant,
         "student_head": unwrapped.head_kind,
@@ -216,155 +227,40 @@ def distill(args: DistillationArguments) -> DistillationResult:
         "crop_scale": args.crop_scale,
         "teacher_fingerprint": model_fingerprint(teacher),
     }
-    identity = {
-        "method": DEFENSE_NAME,
-        "method_config": settings,
-        "backbone_config": _architecture(student.config),
-        "image_size": preprocessing.image_size,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": world,
-        "seed": args.seed,
-        "num_train_rows": len(subset),
-        "data_fingerprint": _data_fingerprint(subset),
-        "max_train_steps": max_train_steps,
-    }
-    schedule = {
+    identity = run_identity(
+        args, world, schedule, method=DEFENSE_NAME, method_config=settings,
+        backbone_config=_architecture(student.config), image_size=preprocessing.image_size,
+        num_train_rows=len(subset), data_fingerprint=_data_fingerprint(subset),
+    )  # fmt: skip
+    resolved = {
+        **settings,
         "peak_learning_rate": peak_lr,
         "effective_batch_size": effective_batch,
-        "steps_per_epoch": steps_per_epoch,
-        "max_train_steps": max_train_steps,
-        "num_epochs": num_epochs,
-        "warmup_steps": warmup_steps,
+        **schedule.step_counts(),
         "channels_last": channels_last,
         "load_size": load_size,
     }
 
-    # ---- resume
-    global_step, start_epoch, batches_done, resumed_from = 0, 0, 0, None
-    if args.resume_from_checkpoint is not None:
-        resumed_from = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        state = json.loads((resumed_from / TRAINER_STATE_NAME).read_text())
-        check_checkpoint_matches(state.get("identity", {}), identity, resumed_from)
-        accelerator.load_state(str(resumed_from))
-        global_step, start_epoch, batches_done = state["global_step"], state["epoch"], state["batches_done"]
-        logger.info("resumed from %s at step %d", resumed_from, global_step)
+    # ---- resume, outputs, loop
+    state, resumed_from = resume(accelerator, args, identity)
+    log = open_log(accelerator, output_dir, state.global_step if resumed_from else None)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         subset.save(output_dir / CLEAN_SUBSET_NAME)
-    log = JsonlLog(output_dir / LOG_NAME, accelerator.is_main_process, global_step if resumed_from else None)
-
-    def save_checkpoint(epoch: int, batches: int) -> Path:
-        path = checkpoint_dir(output_dir, global_step)
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            state = {
-                "global_step": global_step,
-                "epoch": epoch,
-                "batches_done": batches,
-                "identity": identity,
-            }
-            (path / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2))
-            if args.checkpoints_total_limit is not None:
-                for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return path
-
-    progress = tqdm(
-        total=stop_step, initial=global_step, desc="CompRess distillation",
-        disable=not accelerator.is_local_main_process or args.disable_tqdm,
-    )  # fmt: skip
-    model.train()
-    window: dict[str, list[float]] = {}
-    window_images, window_start, last_loss, last_checkpoint, lr = 0, time.perf_counter(), None, None, peak_lr
-    epoch = start_epoch
-    while global_step < stop_step and epoch < num_epochs:
-        loader.set_epoch(epoch)  # accelerate's loader re-sets its sampler's epoch from its own count
-        sampler.set_epoch(epoch)
-        skip = batches_done if epoch == start_epoch else 0
-        batch_index = skip
-        for images in skip_first_batches(loader, skip) if skip else loader:
-            torch.manual_seed(micro_batch_seed(args.seed, epoch, batch_index, rank))
-            (view,) = views(images)
-            if channels_last:
-                view = view.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), accelerator.autocast():
-                teacher_embeddings = pooled_features(teacher, view).float()
-            with accelerator.accumulate(model):
-                outputs = model(view, teacher_embeddings)
-                accelerator.backward(outputs["loss"])
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    lr = learning_rate_at(global_step, max_train_steps, warmup_steps, peak_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_index += 1
-            window_images += images.shape[0] * world
-            for key, value in outputs.items():
-                window.setdefault(key, []).append(float(value.detach()))
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            unwrapped.on_optimizer_step()
-            progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == stop_step:
-                means = {k: float(np.mean(v)) for k, v in window.items()}
-                if world > 1:
-                    reduced = accelerator.reduce(
-                        torch.tensor(list(means.values()), device=accelerator.device), "mean"
-                    )
-                    means = dict(zip(means, reduced.tolist(), strict=True))
-                elapsed = time.perf_counter() - window_start
-                record = {"step": global_step, "epoch": epoch + batch_index / len(loader), "lr": lr, **means}
-                log.write({**record, "images_per_second": window_images / elapsed})
-                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.3g}")
-                last_loss = means["loss"]
-                window, window_images, window_start = {}, 0, time.perf_counter()
-            if (
-                args.checkpointing_steps
-                and global_step % args.checkpointing_steps == 0
-                and batch_index != len(loader)
-            ):
-                last_checkpoint = save_checkpoint(epoch, batch_index)
-            if global_step >= stop_step:
-                break
-        if batch_index == len(loader):
-            epoch += 1
-            batches_done = 0
-            if args.checkpoint_every_epoch or global_step == stop_step < max_train_steps:
-                last_checkpoint = save_checkpoint(epoch, 0)
-        elif global_step == stop_step < max_train_steps:
-            if last_checkpoint != checkpoint_dir(output_dir, global_step):
-                last_checkpoint = save_checkpoint(epoch, batch_index)
-            break
-        else:
-            break
-    progress.close()
-
-    finished = global_step >= max_train_steps
-    if finished and accelerator.is_main_process:
-        teacher_record = {
-            "name_or_path": args.teacher,
-            "revision": args.teacher_revision,
-            "config": teacher_ssl_config(args.teacher),
-        }
-        record = {
-            "defense": DEFENSE_NAME,
-            "arguments": args.to_dict(),
-            "resolved": {**settings, **schedule, "resumed_from": str(resumed_from or "")},
-            "teacher": teacher_record,
-            "clean_data": subset.summary(),
-        }
-        save_student(unwrapped.student, output_dir, preprocessing, record)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return DistillationResult(
-        output_dir, global_step, finished, last_loss, subset, output_dir / LOG_NAME, last_checkpoint
+    steps = RunSteps(
+        forward=_distillation_forward(model, teacher, views, accelerator, channels_last),
+        after_optimizer_step=lambda step: unwrapped.on_optimizer_step(),
     )
+    result = TrainingLoop(
+        accelerator, model, optimizer, loader, sampler, schedule, args, identity, log, steps,
+        description="CompRess distillation",
+    ).run(state)  # fmt: skip
+    resolved["resumed_from"] = str(resumed_from or "")
+    save_final = partial(_save_final, args, unwrapped.student, output_dir, preprocessing, resolved, subset)
+    finish(accelerator, result.finished, save_final)
+    return DistillationResult(
+        output_dir, state.global_step, result.finished, result.last_loss, subset, output_dir / LOG_NAME,
+        result.checkpoint,
+    )  # fmt: skip
 
 
 __all__ = [
