@@ -175,10 +175,16 @@ def test_resume_gives_the_same_parameters_as_uninterrupted(tiny_cifar, tmp_path)
         assert record["loss"] == pytest.approx(losses[record["step"]], abs=1e-5)
 
 
-def test_workers_do_not_change_the_result_and_runs_share_a_process(tiny_cifar, tmp_path):
+def test_workers_and_images_in_memory_do_not_change_the_result_and_runs_share_a_process(tiny_cifar, tmp_path):
     common = dict(max_train_steps=3, max_train_samples=48, method_config={"hidden_dim": 64})
+    # default (auto): the 48 small images are decoded once into memory; the second run decodes
+    # every batch in a DataLoader worker
     train(small_args(tiny_cifar, tmp_path / "main", **common))
-    train(small_args(tiny_cifar, tmp_path / "workers", dataloader_num_workers=1, **common))
+    train(
+        small_args(
+            tiny_cifar, tmp_path / "workers", dataloader_num_workers=1, images_in_memory=False, **common
+        )
+    )
     expected = load_file(tmp_path / "main" / "model.safetensors")
     got = load_file(tmp_path / "workers" / "model.safetensors")
     for key in expected:
@@ -186,6 +192,19 @@ def test_workers_do_not_change_the_result_and_runs_share_a_process(tiny_cifar, t
     # a later run in the same process may change accelerate's settings (mixed precision)
     result = train(small_args(tiny_cifar, tmp_path / "bf16", mixed_precision="bf16", **common))
     assert result.finished and math.isfinite(result.last_loss)
+
+
+def test_image_rows_in_memory_serve_the_decoded_pixels(tiny_cifar):
+    from hf_sslbd.preprocessing import Preprocessing
+    from hf_sslbd.training import ImageRows
+
+    split = datasets.load_from_disk(str(tiny_cifar))["train"]
+    lazy = ImageRows(split, "img", Preprocessing(image_size=32, resize_size=32), in_memory=False)
+    cached = ImageRows(split, "img", Preprocessing(image_size=32, resize_size=32), in_memory=None)
+    assert lazy.images is None and cached.images is not None  # auto: 96 x 3 x 32 x 32 bytes fit
+    assert cached.images.shape == (96, 3, 32, 32) and cached.images.dtype == torch.uint8
+    indices = [5, 0, 95, 5]
+    assert torch.equal(cached.__getitems__(indices), lazy.__getitems__(indices))
 
 
 def test_momentum_updates_only_on_real_optimizer_steps(toy, tiny_cifar, tmp_path, monkeypatch):

@@ -104,6 +104,10 @@ class DistillationArguments:
     logging_steps: int = _help("Log every N optimizer steps (train_log.jsonl).", default=10)
     channels_last: bool | None = _help("channels_last (default: on for CNNs on CPU).", default=None)
     dataloader_num_workers: int = _help("DataLoader workers decoding images.", default=0)
+    images_in_memory: bool | None = _help(
+        "Decode the clean subset once and keep it in memory (default: when it takes at most 2 GiB).",
+        default=None,
+    )
     disable_tqdm: bool = _help("No progress bar.", default=False)
 
     def __post_init__(self) -> None:

@@ -192,7 +192,11 @@ def distill(args: DistillationArguments) -> DistillationResult:
             f"load_size ({load_size}) must be >= the teacher's image size ({preprocessing.image_size})"
         )
     rows = ImageRows(
-        split.select(subset.indices), image_column, Preprocessing(image_size=load_size, resize_size=load_size)
+        split.select(subset.indices),
+        image_column,
+        Preprocessing(image_size=load_size, resize_size=load_size),
+        in_memory=args.images_in_memory,
+        progress=accelerator.is_main_process and not args.disable_tqdm,
     )
     loader, sampler = make_loader(rows, args)
 

@@ -229,6 +229,7 @@ def write_defended_card(
 _NOT_SETTINGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm", "logging_steps",
     "checkpointing_steps", "checkpoint_every_epoch", "checkpoints_total_limit", "dataloader_num_workers",
+    "images_in_memory",
 }  # fmt: skip
 
 
