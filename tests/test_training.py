@@ -336,6 +336,27 @@ def test_unknown_method_and_backbone(tiny_cifar, tmp_path):
         train(small_args(tiny_cifar, tmp_path / "c", method_config={"temprature": 0.1}))
 
 
+def test_corrupt_image_fails_before_the_first_step_and_names_the_row(tiny_cifar, tmp_path):
+    from hf_sslbd.preprocessing import CorruptImageError
+
+    train_rows = datasets.load_from_disk(str(tiny_cifar))["train"].cast_column(
+        "img", datasets.Image(decode=False)
+    )
+    cells = list(train_rows["img"])
+    cells[37] = {"bytes": b"not an image", "path": None}
+    folder = tmp_path / "corrupt"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"img": cells, "label": train_rows["label"]}).cast_column(
+            "img", datasets.Image()
+        )
+    ).save_to_disk(folder)
+    # decoded into memory up front (the default for small images): the run stops before training,
+    # and the output folder holds no checkpoint
+    with pytest.raises(CorruptImageError, match="cannot decode row 37"):
+        train(small_args(folder, tmp_path / "out", max_train_steps=2))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_dataset_without_image_column(tmp_path):
     folder = tmp_path / "text"
     datasets.DatasetDict(
