@@ -46,6 +46,7 @@ import datasets
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ViTConfig
 
 from .backbones import BACKBONES, backbone_config, check_image_size
@@ -340,8 +341,6 @@ class ImageRows(torch.utils.data.Dataset):
         self.images: Tensor | None = self._decode_all(progress) if in_memory else None
 
     def _decode_all(self, progress: bool, chunk: int = 1024) -> Tensor:
-        from tqdm.auto import tqdm
-
         size = self.preprocessing.image_size
         images = torch.empty((len(self.dataset), 3, size, size), dtype=torch.uint8)
         for start in tqdm(
