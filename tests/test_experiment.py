@@ -169,3 +169,18 @@ def test_failed_stage_is_named_and_finished_stages_kept(tmp_path: Path, small_ci
     assert stages["pretrain__simclr_clean_seed-0"]["status"] == "failed"
     report = json.loads((out / "results.json").read_text())
     assert any("pretrain__simclr_clean_seed-0" in message for message in report["failures"].values())
+
+
+def test_pairs_are_evaluated_as_soon_as_both_models_are_trained(tmp_path: Path, small_cifar: str) -> None:
+    out = tmp_path / "out"
+    path = _write_config(tmp_path / "c.yaml", small_cifar, out, seeds=[0, 1], ablations={}, parallel=1)
+    config = load_experiment_config(path)
+    # evaluating before anything is trained names the missing models instead of failing obscurely
+    with pytest.raises(StageError, match=r"evaluate__simclr_.*skipped: pretrain__simclr_.*not finished"):
+        run_experiment(config, stages=("poison", "evaluate", "report"))
+    run_experiment(config)
+    stages = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
+    variant = "htba-t10_target-airplane_rate-1.0_seed-0"
+    # seed 0's pair was evaluated before seed 1's models started training
+    assert stages[f"evaluate__simclr_{variant}"]["started"] < stages["pretrain__simclr_clean_seed-1"]["started"]
+    assert stages[f"evaluate__simclr_{variant.replace('seed-0', 'seed-1')}"]["status"] == "done"

@@ -199,42 +199,26 @@ def run_experiment(
                 continue
             record.finish()
 
-    if "pretrain" in stages:
-        _run_pretraining(config, plan, failures)
+    results: dict[str, dict[str, Any]] = {}
 
-    results: list[dict[str, Any]] = []
-    if "evaluate" in stages:
+    def evaluate_ready(final: bool = False) -> None:
+        """Evaluate every pair whose two models are trained: a long experiment shows its first
+        results while later models still train (the parent process is idle meanwhile)."""
         for evaluation in plan.evaluations:
-            if any(
-                k in failures for k in (evaluation.run.key, evaluation.reference.key, evaluation.variant.key)
-            ):
-                failures[evaluation.key] = f"stage {evaluation.key} skipped: an earlier stage failed"
-                continue
-            inputs = {
-                "model": str(evaluation.run.folder),
-                "reference": str(evaluation.reference.folder),
-                "variant": evaluation.variant.name,
-                "epoch": evaluation.epoch,
-                "evaluation": config.evaluation,
-            }
-            record = _record(config, evaluation.key, inputs)
-            if not record.check():
-                logger.info("evaluating %s", evaluation.key)
-                record.start()
-                try:
-                    run_evaluation(config, evaluation)
-                except Exception as error:  # noqa: BLE001
-                    record.fail(error)
-                    failures[evaluation.key] = _describe_failure(evaluation.key, error)
-                    continue
-                record.finish()
-            results.append(_result_row(evaluation))
+            if evaluation.key not in results and evaluation.key not in failures:
+                _evaluate(config, evaluation, failures, results, final)
+
+    if "pretrain" in stages:
+        _run_pretraining(config, plan, failures, on_run_done=evaluate_ready if "evaluate" in stages else None)
+    if "evaluate" in stages:
+        evaluate_ready(final=True)
+    rows = [results[e.key] for e in plan.evaluations if e.key in results]
 
     report: dict[str, Any] = {"config": config.to_dict(), "failures": failures}
     if "report" in stages:
         from .report import write_report
 
-        report = write_report(config, plan, results, failures)
+        report = write_report(config, plan, rows, failures)
     if failures:
         raise StageError(
             f"{len(failures)} stage(s) failed (what finished is kept; rerun to continue):\n"
@@ -243,7 +227,51 @@ def run_experiment(
     return report
 
 
-def _run_pretraining(config: ExperimentConfig, plan: Plan, failures: dict[str, str]) -> None:
+def _evaluate(
+    config: ExperimentConfig,
+    evaluation: Evaluation,
+    failures: dict[str, str],
+    results: dict[str, dict[str, Any]],
+    final: bool = True,
+) -> None:
+    """Evaluate one backdoored model beside its clean twin once both are trained; before that,
+    wait (``final`` False) or report the stage as skipped (``final`` True)."""
+    upstream = (evaluation.run.key, evaluation.reference.key, evaluation.variant.key)
+    if any(k in failures for k in upstream):
+        failures[evaluation.key] = f"stage {evaluation.key} skipped: an earlier stage failed"
+        return
+    untrained = [k for k in upstream[:2] if _record(config, k, {}).info().get("status") != "done"]
+    if untrained:
+        if final:
+            failures[evaluation.key] = (
+                f"stage {evaluation.key} skipped: {', '.join(untrained)} not finished (run the pretrain stage)"
+            )
+        return
+    inputs = {
+        "model": str(evaluation.run.folder),
+        "reference": str(evaluation.reference.folder),
+        "variant": evaluation.variant.name,
+        "epoch": evaluation.epoch,
+        "evaluation": config.evaluation,
+    }
+    record = _record(config, evaluation.key, inputs)
+    if not record.check():
+        logger.info("evaluating %s", evaluation.key)
+        record.start()
+        try:
+            run_evaluation(config, evaluation)
+        except Exception as error:  # noqa: BLE001  (a stage's failure is reported, others go on)
+            record.fail(error)
+            failures[evaluation.key] = _describe_failure(evaluation.key, error)
+            return
+        record.finish()
+    results[evaluation.key] = _result_row(evaluation)
+
+
+def _run_pretraining(
+    config: ExperimentConfig, plan: Plan, failures: dict[str, str], on_run_done: Any = None
+) -> None:
+    """Train every model not trained yet; ``on_run_done()`` is called after each finishes."""
     pending: list[tuple[Run, StageRecord, dict[str, Any]]] = []
     for run in plan.runs:
         if run.variant is not None and run.variant.key in failures:
@@ -261,6 +289,8 @@ def _run_pretraining(config: ExperimentConfig, plan: Plan, failures: dict[str, s
         # in-process: one run at a time, so a user's `accelerate launch` (GPUs, several nodes) applies
         for run, record, arguments in pending:
             _run_one(run, record, lambda a=arguments: _train_job(a, threads), failures)
+            if on_run_done is not None:
+                on_run_done()
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -277,6 +307,8 @@ def _run_pretraining(config: ExperimentConfig, plan: Plan, failures: dict[str, s
             except Exception as error:  # noqa: BLE001
                 record.fail(error)
                 failures[run.key] = _describe_failure(run.key, error)
+            if on_run_done is not None:
+                on_run_done()
 
 
 def _run_one(run: Run, record: StageRecord, job: Any, failures: dict[str, str]) -> None:
