@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,10 @@ def _evaluate(
 
 
 def _run_pretraining(
-    config: ExperimentConfig, plan: Plan, failures: dict[str, str], on_run_done: Any = None
+    config: ExperimentConfig,
+    plan: Plan,
+    failures: dict[str, str],
+    on_run_done: Callable[[], None] | None = None,
 ) -> None:
     """Train every model not trained yet; ``on_run_done()`` is called after each finishes."""
     pending: list[tuple[Run, StageRecord, dict[str, Any]]] = []
