@@ -1,7 +1,7 @@
 """Run an experiment's stages in order: poison -> pretrain (clean twins and backdoored models, side by
-side when ``parallel`` > 1) -> evaluate -> report. Finished stages are skipped on a rerun; an
-unfinished pretraining resumes from its last checkpoint; a failed stage is named in the report and
-what finished is kept."""
+side when ``parallel`` > 1) -> evaluate (each pair as soon as both its models are trained) -> report.
+Finished stages are skipped on a rerun; an unfinished pretraining resumes from its last
+checkpoint; a failed stage is named in the report and what finished is kept."""
 
 from __future__ import annotations
 
