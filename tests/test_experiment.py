@@ -120,6 +120,12 @@ def test_run_cache_and_report(tmp_path: Path, small_cifar: str) -> None:
         for model in ("backdoored", "clean"):
             assert 0.0 <= row[model]["clean_accuracy"] <= 1.0
             assert row[model]["target_fp"] is not None
+    # the training-length curve runs through the ablated epoch and the main setting's final epoch
+    (curve,) = report["by_probe"]["linear"]["ablations"].values()
+    assert [point["value"] for point in curve] == [1.0, 2.0] and all(point["n"] == 1 for point in curve)
+    final_rate = next(r for r in rows if r["epoch"] is None)["backdoored"]["target_fp_rate"]
+    assert curve[1]["backdoored"]["target_fp_rate"]["mean"] == final_rate
+    assert (out / "ablation_epochs_linear.png").exists()
     # the epoch-1 encoder differs from the final one (it was really taken from the checkpoint)
     final_eval = json.loads((Path(rows[0]["eval_dir"]) / "metrics.json").read_text())
     epoch_eval = json.loads((Path(rows[1]["eval_dir"]) / "metrics.json").read_text())

@@ -128,31 +128,57 @@ def _per_row_table(flat: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _ablation_plots(flat: list[dict[str, Any]], out: Path, probe: str) -> list[str]:
+def ablation_curves(
+    flat: list[dict[str, Any]], method: str, main_values: dict[str, float]
+) -> dict[str, list[dict[str, Any]]]:
+    """Target FP rate against each ablated parameter for ``method`` on the first pair: one point
+    per value (mean and std over seeds), the main setting included at its own value (e.g. rate
+    1.0 beside the ablated 0.5; the final epoch beside the intermediate ones)."""
+    by_key: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    main = []
+    for row in flat:
+        if row["method"] != method or row["pair"] != 0:
+            continue
+        if row["ablation"] is not None:
+            key, value = row["ablation"]
+            by_key[key][float(value)].append(row)
+        elif row["epoch"] is not None:
+            by_key["epochs"][float(row["epoch"])].append(row)
+        else:
+            main.append(row)
+    curves = {}
+    for key, points in by_key.items():
+        if key in main_values and main:
+            points[float(main_values[key])].extend(main)
+        curve = []
+        for value in sorted(points):
+            entry: dict[str, Any] = {"value": value, "n": len(points[value])}
+            for model in ("backdoored", "clean"):
+                mean, std, _ = _mean_std([r[model]["target_fp_rate"] for r in points[value]])
+                entry[model] = {"target_fp_rate": {"mean": mean, "std": std}}
+            curve.append(entry)
+        curves[key] = curve
+    return curves
+
+
+def _ablation_plots(curves: dict[str, list[dict[str, Any]]], out: Path, probe: str, method: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    series: dict[str, list[tuple[float, float | None, float | None]]] = defaultdict(list)
-    for row in flat:
-        if row["ablation"] is not None:
-            key, value = row["ablation"]
-            series[key].append(
-                (float(value), row["backdoored"]["target_fp_rate"], row["clean"]["target_fp_rate"])
-            )
-        elif row["epoch"] is not None:
-            series["epochs"].append((float(row["epoch"]), row["backdoored"]["target_fp_rate"],
-                                     row["clean"]["target_fp_rate"]))  # fmt: skip
-    for key, points in series.items():
-        points.sort()
+    for key, curve in curves.items():
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        xs = [p[0] for p in points]
-        axis.plot(xs, [np.nan if p[1] is None else 100 * p[1] for p in points], "o-", label="backdoored")
-        axis.plot(xs, [np.nan if p[2] is None else 100 * p[2] for p in points], "s--", label="clean twin")
+        xs = [point["value"] for point in curve]
+        for model, style, label in (("backdoored", "o-", "backdoored"), ("clean", "s--", "clean twin")):
+            values = [point[model]["target_fp_rate"] for point in curve]
+            means = [np.nan if v["mean"] is None else 100 * v["mean"] for v in values]
+            stds = [0.0 if v["std"] is None else 100 * v["std"] for v in values]
+            axis.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=label)
         axis.set_xlabel(key)
         axis.set_ylabel(f"target FP rate % ({probe})")
+        axis.set_title(f"{method}: mean ± std over seeds", fontsize=9)
         axis.legend()
         figure.tight_layout()
         path = out / f"ablation_{key}_{probe}.png"
@@ -160,6 +186,20 @@ def _ablation_plots(flat: list[dict[str, Any]], out: Path, probe: str) -> list[s
         plt.close(figure)
         written.append(path.name)
     return written
+
+
+def _main_values(config: ExperimentConfig, plan: Plan) -> dict[str, float]:
+    """The main setting's value of each ablated parameter (where the sweep's curve passes)."""
+    from ..training import PretrainArguments
+
+    values: dict[str, float] = {}
+    if plan.variants:
+        values["rate"] = plan.variants[0].config.rate
+        values["trigger_size"] = plan.variants[0].config.trigger_size
+    if config.pretrain.get("max_train_steps") is None:
+        default = PretrainArguments.__dataclass_fields__["num_train_epochs"].default
+        values["epochs"] = config.pretrain.get("num_train_epochs", default)
+    return values
 
 
 def write_report(
@@ -202,7 +242,9 @@ def write_report(
             "</details>",
             "",
         ]
-        report["plots"] += _ablation_plots(flat, out, probe)
+        curves = ablation_curves(flat, config.methods[0], _main_values(config, plan))
+        report["by_probe"][probe]["ablations"] = curves
+        report["plots"] += _ablation_plots(curves, out, probe, config.methods[0])
     report["cards"] = [str(path.relative_to(out)) for path in write_model_cards(plan, out)]
     if report["cards"]:
         sections += ["Model cards (also README.md in each model folder): " + ", ".join(report["cards"]), ""]
