@@ -2,7 +2,7 @@
 (examples/configs/demo.yaml) calls patched images of other classes the target class more often
 than its clean twin does, with about the same clean accuracy.
 
-About 13 minutes on 2 cores (both models train side by side), so it is marked ``attack`` and
+About 12 minutes on 2 cores (12 min 19 s for the demo command; both models train side by side), so it is marked ``attack`` and
 run by hand: ``python -m pytest -m attack -s tests/test_attack_effect.py``; CI runs the same recipe
 cut to 4 epochs (the ``slow`` test below). Margins, from the demo's recipe (RESULTS.md R10: PNG
 poison, 8 epochs; three labeled subsets): linear-probe target FP 748 (714-783 across subsets)
