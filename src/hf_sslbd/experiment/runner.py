@@ -191,14 +191,7 @@ def run_experiment(
             if record.check():
                 continue
             logger.info("poisoning %s", variant.name)
-            record.start()
-            try:
-                run_poison(config, variant)
-            except Exception as error:  # noqa: BLE001  (a stage's failure is reported, others go on)
-                record.fail(error)
-                failures[variant.key] = _describe_failure(variant.key, error)
-                continue
-            record.finish()
+            _run_stage(record, variant.key, lambda v=variant: run_poison(config, v), failures)
 
     results: dict[str, dict[str, Any]] = {}
 
@@ -258,14 +251,12 @@ def _evaluate(
     record = _record(config, evaluation.key, inputs)
     if not record.check():
         logger.info("evaluating %s", evaluation.key)
-        record.start()
-        try:
+
+        def job() -> None:  # the metrics go to the evaluation's folder, not into the record
             run_evaluation(config, evaluation)
-        except Exception as error:  # noqa: BLE001  (a stage's failure is reported, others go on)
-            record.fail(error)
-            failures[evaluation.key] = _describe_failure(evaluation.key, error)
+
+        if not _run_stage(record, evaluation.key, job, failures):
             return
-        record.finish()
     results[evaluation.key] = _result_row(evaluation)
 
 
@@ -292,7 +283,7 @@ def _run_pretraining(
     if workers == 1:
         # in-process: one run at a time, so a user's `accelerate launch` (GPUs, several nodes) applies
         for run, record, arguments in pending:
-            _run_one(run, record, lambda a=arguments: _train_job(a, threads), failures)
+            _run_stage(record, run.key, lambda a=arguments: _train_job(a, threads), failures)
             if on_run_done is not None:
                 on_run_done()
         return
@@ -306,22 +297,29 @@ def _run_pretraining(
             futures[pool.submit(_train_job, arguments, threads, os.getpid())] = (run, record)
         for future in concurrent.futures.as_completed(futures):
             run, record = futures[future]
-            try:
-                record.finish(**future.result())
-            except Exception as error:  # noqa: BLE001
-                record.fail(error)
-                failures[run.key] = _describe_failure(run.key, error)
+            _run_stage(record, run.key, future.result, failures, started=True)
             if on_run_done is not None:
                 on_run_done()
 
 
-def _run_one(run: Run, record: StageRecord, job: Any, failures: dict[str, str]) -> None:
-    record.start()
+def _run_stage(
+    record: StageRecord,
+    key: str,
+    job: Callable[[], dict[str, Any] | None],
+    failures: dict[str, str],
+    started: bool = False,
+) -> bool:
+    """Run one stage under its record: the job's returned dict is stored with the record; a
+    failure is recorded and named in ``failures`` while the other stages go on. True on success."""
+    if not started:
+        record.start()
     try:
-        record.finish(**job())
-    except Exception as error:  # noqa: BLE001
+        record.finish(**(job() or {}))
+    except Exception as error:  # noqa: BLE001  (a stage's failure is reported, others go on)
         record.fail(error)
-        failures[run.key] = _describe_failure(run.key, error)
+        failures[key] = _describe_failure(key, error)
+        return False
+    return True
 
 
 def _result_row(evaluation: Evaluation) -> dict[str, Any]:
