@@ -188,5 +188,7 @@ def test_pairs_are_evaluated_as_soon_as_both_models_are_trained(tmp_path: Path, 
     stages = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
     variant = "htba-t10_target-airplane_rate-1.0_seed-0"
     # seed 0's pair was evaluated before seed 1's models started training
-    assert stages[f"evaluate__simclr_{variant}"]["started"] < stages["pretrain__simclr_clean_seed-1"]["started"]
+    assert (
+        stages[f"evaluate__simclr_{variant}"]["started"] < stages["pretrain__simclr_clean_seed-1"]["started"]
+    )
     assert stages[f"evaluate__simclr_{variant.replace('seed-0', 'seed-1')}"]["status"] == "done"

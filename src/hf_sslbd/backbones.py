@@ -27,16 +27,23 @@ from .models import ResNetCifarConfig
 
 
 def _resnet(depths: list[int], layer_type: str, widths: list[int]) -> Callable[..., PretrainedConfig]:
-    def make(width: int | None = None, stem_stride: int | None = None, cifar: bool = False) -> PretrainedConfig:
+    def make(
+        width: int | None = None, stem_stride: int | None = None, cifar: bool = False
+    ) -> PretrainedConfig:
         scale = 1.0 if width is None else width / widths[0]
         hidden = [int(round(w * scale)) for w in widths]
         if layer_type == "bottleneck":  # bottleneck outputs are 4x the block width
             hidden = [4 * h for h in hidden]
         common = dict(
-            depths=depths, layer_type=layer_type, hidden_sizes=hidden, embedding_size=int(round(widths[0] * scale))
+            depths=depths,
+            layer_type=layer_type,
+            hidden_sizes=hidden,
+            embedding_size=int(round(widths[0] * scale)),
         )
         if cifar:
-            return ResNetCifarConfig(stem_kernel_size=3, stem_stride=stem_stride or 1, stem_max_pool=False, **common)
+            return ResNetCifarConfig(
+                stem_kernel_size=3, stem_stride=stem_stride or 1, stem_max_pool=False, **common
+            )
         if stem_stride is not None:
             raise ValueError("stem_stride applies to the -cifar presets only; the stock stem is 7x7 stride 2")
         return ResNetConfig(**common)

@@ -65,7 +65,9 @@ def find_image_column(features: datasets.Features, image_column: str | None = No
 
 def find_label_column(features: datasets.Features, label_column: str | None = None) -> str:
     """The name of the label column (a ``ClassLabel`` or an integer ``Value``)."""
-    return _pick(features, label_column, LABEL_COLUMN_CANDIDATES, "label", (datasets.ClassLabel, datasets.Value))
+    return _pick(
+        features, label_column, LABEL_COLUMN_CANDIDATES, "label", (datasets.ClassLabel, datasets.Value)
+    )
 
 
 def class_names(features: datasets.Features, label_column: str) -> list[str] | None:
@@ -79,7 +81,9 @@ def resolve_class(features: datasets.Features, label_column: str, target: str | 
     names = class_names(features, label_column)
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if names is None:
-            raise ValueError(f"target {target!r} is a name but label column {label_column!r} has no class names")
+            raise ValueError(
+                f"target {target!r} is a name but label column {label_column!r} has no class names"
+            )
         if target not in names:
             raise ValueError(f"unknown target class {target!r}; known classes: {names}")
         return names.index(target)

@@ -46,7 +46,9 @@ def decode_image(value: object, row: int | None = None) -> Image.Image:
         if isinstance(value, Image.Image):
             image = value
         elif isinstance(value, dict):
-            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            image = (
+                Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            )
         elif isinstance(value, str):
             image = Image.open(value)
         else:
@@ -83,15 +85,22 @@ def resize_short_side_center_crop(images: Tensor, resize_size: int | None, crop_
     return batch[0] if single else batch
 
 
-def images_to_batch(values: Sequence[object], preprocessing: Preprocessing, rows: Sequence[int] | None = None) -> Tensor:
+def images_to_batch(
+    values: Sequence[object], preprocessing: Preprocessing, rows: Sequence[int] | None = None
+) -> Tensor:
     """Decode dataset cells and bring them to one size: uint8 (B, 3, S, S), not yet normalised."""
     tensors = []
     for index, value in enumerate(values):
         image = to_uint8_tensor(decode_image(value, None if rows is None else rows[index]))
         if image.shape[-2:] != (preprocessing.image_size, preprocessing.image_size):
-            image = resize_short_side_center_crop(
-                image.float(), preprocessing.resize_size, preprocessing.image_size
-            ).round().clamp(0, 255).to(torch.uint8)
+            image = (
+                resize_short_side_center_crop(
+                    image.float(), preprocessing.resize_size, preprocessing.image_size
+                )
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         tensors.append(image)
     return torch.stack(tensors)
 

@@ -37,7 +37,9 @@ class ResNetCifarEmbeddings(nn.Module):
             stride=config.stem_stride,
             activation=config.hidden_act,
         )
-        self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if config.stem_max_pool else nn.Identity()
+        self.pooler = (
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if config.stem_max_pool else nn.Identity()
+        )
         self.num_channels = config.num_channels
 
     def forward(self, pixel_values: Tensor) -> Tensor:
