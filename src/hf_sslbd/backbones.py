@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -163,7 +164,11 @@ def feature_dim(config: PretrainedConfig) -> int:
 
 def pooled_features(model: PreTrainedModel, pixel_values: Tensor) -> Tensor:
     """(B, D) features: global average pool for CNNs, the [CLS] token for ViTs."""
-    output = model(pixel_values=pixel_values)
+    return pool_output(model, model(pixel_values=pixel_values))
+
+
+def pool_output(model: PreTrainedModel, output: Any) -> Tensor:
+    """The (B, D) features of a forward pass's ``output`` (as :func:`pooled_features`)."""
     if isinstance(model.config, ViTConfig):
         return output.last_hidden_state[:, 0]
     pooled = getattr(output, "pooler_output", None)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, ViTConfig
 
+from ...backbones import pool_output
 from ...preprocessing import Preprocessing, normalize
 
 
@@ -43,18 +44,6 @@ def check_window(window: int, image_size: int) -> None:
             f"window of {window} px is larger than the {image_size} px images the model takes; "
             f"use a window of at most {image_size} px (about the trigger's size)"
         )
-
-
-def _pooled(model: PreTrainedModel, output) -> Tensor:
-    # the same reduction as hf_sslbd.backbones.pooled_features, on an output we already have (that
-    # function runs its own forward pass, without the hidden states Grad-CAM needs)
-    if isinstance(model.config, ViTConfig):
-        return output.last_hidden_state[:, 0]
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is not None:
-        return pooled.flatten(1)
-    hidden = output.last_hidden_state
-    return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
 
 
 def _as_map(hidden: Tensor) -> Tensor:
@@ -120,7 +109,7 @@ def similarity_cam(
         if layer is None:
             layer = auto_layer(model, output.hidden_states, pixels.shape[-1], max_cell)
         hidden = output.hidden_states[layer]
-        features = F.normalize(_pooled(model, output).float(), dim=1)
+        features = F.normalize(pool_output(model, output).float(), dim=1)
         score = (features * target).sum()
         (grad,) = torch.autograd.grad(score, hidden)
     activation, grad = _as_map(hidden.detach()).float(), _as_map(grad).float()
