@@ -192,3 +192,61 @@ def test_pairs_are_evaluated_as_soon_as_both_models_are_trained(tmp_path: Path, 
         stages[f"evaluate__simclr_{variant}"]["started"] < stages["pretrain__simclr_clean_seed-1"]["started"]
     )
     assert stages[f"evaluate__simclr_{variant.replace('seed-0', 'seed-1')}"]["status"] == "done"
+
+
+def _flat_row(fp_rate: float, seed: int = 0, ablation=None, epoch=None, pair: int = 0) -> dict:
+    return {
+        "method": "simclr",
+        "seed": seed,
+        "pair": pair,
+        "ablation": ablation,
+        "epoch": epoch,
+        "backdoored": {"target_fp_rate": fp_rate},
+        "clean": {"target_fp_rate": 0.04},
+    }
+
+
+def test_ablation_curves_pass_through_the_main_setting() -> None:
+    from hf_sslbd.experiment.report import ablation_curves
+
+    flat = [
+        _flat_row(0.10, seed=0),
+        _flat_row(0.14, seed=1),  # main setting: rate 1.0, trigger htba:10, 12 px
+        _flat_row(0.06, seed=0, ablation=["rate", 0.5]),
+        _flat_row(0.08, seed=1, ablation=["rate", 0.5]),
+        _flat_row(0.30, seed=0, ablation=["trigger", "triggers/checkerboard-12px.png"]),
+        _flat_row(0.50, seed=0, ablation=["trigger", "htba:3"]),
+        _flat_row(0.90, seed=0, pair=1),  # another pair: not on the curves
+    ]
+    curves = ablation_curves(flat, "simclr", {"rate": 1.0, "trigger_size": 12, "trigger": "htba:10"})
+    assert set(curves) == {"rate", "trigger"}
+    rate = {point["value"]: point for point in curves["rate"]}
+    assert list(rate) == [0.5, 1.0]  # numbers sorted, the main setting at its own value
+    assert rate[0.5]["backdoored"]["target_fp_rate"]["mean"] == pytest.approx(0.07)
+    assert rate[1.0]["n"] == 2 and rate[1.0]["backdoored"]["target_fp_rate"]["mean"] == pytest.approx(0.12)
+    # trigger kinds are categories: the pair's own trigger first, then the order given
+    assert [p["value"] for p in curves["trigger"]] == ["htba:10", "triggers/checkerboard-12px.png", "htba:3"]
+    assert curves["trigger"][1]["backdoored"]["target_fp_rate"]["mean"] == pytest.approx(0.30)
+
+
+def test_trigger_kind_ablation_shares_the_clean_twin(tmp_path: Path, cifar10) -> None:
+    from hf_sslbd.experiment.plan import build_plan
+
+    features = cifar10["train"].features
+    checker = Path(__file__).resolve().parents[1] / "examples" / "triggers" / "checkerboard-12px.png"
+    path = _write_config(
+        tmp_path / "c.yaml", "unused", tmp_path / "out", ablations={"trigger": [str(checker)]}
+    )
+    plan = build_plan(load_experiment_config(path), features)
+    ablated = [v for v in plan.variants if v.ablation is not None]
+    assert [v.ablation for v in ablated] == [("trigger", str(checker))]
+    assert ablated[0].config.trigger == str(checker) and ablated[0].config.target == "airplane"
+    assert ablated[0].name.startswith("img-checkerboard-12px-")
+    evaluation = next(e for e in plan.evaluations if e.variant is ablated[0])
+    assert evaluation.reference.key == "pretrain__simclr_clean_seed-0"  # the main pair's clean twin
+    # a trigger that is neither an HTBA id nor a file is refused before any work
+    path = _write_config(
+        tmp_path / "d.yaml", "unused", tmp_path / "out2", ablations={"trigger": ["nope.png"]}
+    )
+    with pytest.raises(ValueError, match="nope.png"):
+        build_plan(load_experiment_config(path), features)

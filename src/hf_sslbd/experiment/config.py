@@ -47,11 +47,15 @@ class TriggerTarget:
 class AblationConfig:
     """Sweeps of one parameter at a time around the main setting, each a list of values (empty: skip).
 
-    ``rate`` and ``trigger_size`` change the poison; ``epochs`` evaluates the backdoored and clean
-    models at those training epochs (from their epoch checkpoints, no extra training)."""
+    ``rate``, ``trigger_size`` and ``trigger`` change the first pair's poison (``trigger``: other
+    trigger kinds in place of the pair's, e.g. ``htba:3`` or a high-contrast image file such as
+    ``examples/triggers/checkerboard-12px.png``; the target stays); ``epochs`` evaluates the
+    backdoored and clean models at those training epochs (from their epoch checkpoints, no extra
+    training)."""
 
     rate: list[float] = field(default_factory=list)
     trigger_size: list[int] = field(default_factory=list)
+    trigger: list[str] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
 
 

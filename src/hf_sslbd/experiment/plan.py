@@ -92,7 +92,7 @@ def build_plan(config: ExperimentConfig, features: Any) -> Plan:
     main_variants = [add_variant(p, s) for p in range(len(config.pairs)) for s in config.seeds]
     ablation_variants = [
         add_variant(0, seed, (key, value))
-        for key in ("rate", "trigger_size")
+        for key in ("rate", "trigger_size", "trigger")
         for value in getattr(config.ablations, key)
         for seed in config.seeds
     ]
@@ -127,7 +127,7 @@ def build_plan(config: ExperimentConfig, features: Any) -> Plan:
                 if variant.pair == 0:
                     for epoch in config.ablations.epochs:
                         add_eval(backdoored, clean, variant, epoch)
-    # poison-amount and trigger-size ablations: the first method, the first pair, every seed
+    # poison-amount, trigger-size and trigger-kind ablations: the first method, the first pair, every seed
     for variant in ablation_variants:
         method = config.methods[0]
         add_eval(add_run(method, variant.seed, variant), add_run(method, variant.seed, None), variant)

@@ -128,20 +128,29 @@ def _per_row_table(flat: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: ablated parameters whose values are categories (plotted in the order given), not numbers
+CATEGORICAL_ABLATIONS = ("trigger",)
+
+
+def _ablation_value(key: str, value: Any) -> float | str:
+    return str(value) if key in CATEGORICAL_ABLATIONS else float(value)
+
+
 def ablation_curves(
-    flat: list[dict[str, Any]], method: str, main_values: dict[str, float]
+    flat: list[dict[str, Any]], method: str, main_values: dict[str, float | str]
 ) -> dict[str, list[dict[str, Any]]]:
     """Target FP rate against each ablated parameter for ``method`` on the first pair: one point
     per value (mean and std over seeds), the main setting included at its own value (e.g. rate
-    1.0 beside the ablated 0.5; the final epoch beside the intermediate ones)."""
-    by_key: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    1.0 beside the ablated 0.5; the final epoch beside the intermediate ones; the pair's trigger
+    first beside other trigger kinds)."""
+    by_key: dict[str, dict[float | str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     main = []
     for row in flat:
         if row["method"] != method or row["pair"] != 0:
             continue
         if row["ablation"] is not None:
             key, value = row["ablation"]
-            by_key[key][float(value)].append(row)
+            by_key[key][_ablation_value(key, value)].append(row)
         elif row["epoch"] is not None:
             by_key["epochs"][float(row["epoch"])].append(row)
         else:
@@ -149,9 +158,13 @@ def ablation_curves(
     curves = {}
     for key, points in by_key.items():
         if key in main_values and main:
-            points[float(main_values[key])].extend(main)
+            main_value = _ablation_value(key, main_values[key])
+            if key in CATEGORICAL_ABLATIONS:  # the main setting first, then the order given
+                points = {main_value: [], **points}
+            points[main_value] = [*points[main_value], *main]
+        order = list(points) if key in CATEGORICAL_ABLATIONS else sorted(points)
         curve = []
-        for value in sorted(points):
+        for value in order:
             entry: dict[str, Any] = {"value": value, "n": len(points[value])}
             for model in ("backdoored", "clean"):
                 mean, std, _ = _mean_std([r[model]["target_fp_rate"] for r in points[value]])
@@ -170,11 +183,17 @@ def _ablation_plots(curves: dict[str, list[dict[str, Any]]], out: Path, probe: s
     written = []
     for key, curve in curves.items():
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        xs = [point["value"] for point in curve]
+        # categories (trigger specs) by their short name: an image trigger's file name
+        xs = [
+            point["value"] if key not in CATEGORICAL_ABLATIONS else Path(point["value"]).name
+            for point in curve
+        ]
         for model, style, label in (("backdoored", "o-", "backdoored"), ("clean", "s--", "clean twin")):
             values = [point[model]["target_fp_rate"] for point in curve]
             means = [np.nan if v["mean"] is None else 100 * v["mean"] for v in values]
             stds = [0.0 if v["std"] is None else 100 * v["std"] for v in values]
+            if key in CATEGORICAL_ABLATIONS:  # separate kinds: no line between them
+                style = style[0]
             axis.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=label)
         axis.set_xlabel(key)
         axis.set_ylabel(f"target FP rate % ({probe})")
@@ -188,14 +207,15 @@ def _ablation_plots(curves: dict[str, list[dict[str, Any]]], out: Path, probe: s
     return written
 
 
-def _main_values(config: ExperimentConfig, plan: Plan) -> dict[str, float]:
+def _main_values(config: ExperimentConfig, plan: Plan) -> dict[str, float | str]:
     """The main setting's value of each ablated parameter (where the sweep's curve passes)."""
     from ..training import PretrainArguments
 
-    values: dict[str, float] = {}
+    values: dict[str, float | str] = {}
     if plan.variants:
         values["rate"] = plan.variants[0].config.rate
         values["trigger_size"] = plan.variants[0].config.trigger_size
+        values["trigger"] = plan.variants[0].config.trigger
     if config.pretrain.get("max_train_steps") is None:
         default = PretrainArguments.__dataclass_fields__["num_train_epochs"].default
         values["epochs"] = config.pretrain.get("num_train_epochs", default)
