@@ -384,6 +384,34 @@ def test_image_size_the_backbone_cannot_take(tiny_cifar, tmp_path):
                          backbone_width=None, stem_stride=None))  # fmt: skip
 
 
+def test_resume_follows_the_data_not_its_folder(cifar10, tmp_path):
+    """A variant added beside the training data (a second seed of an experiment) leaves the run
+    resumable; the same variant name with other rows under it is refused."""
+    from hf_sslbd.poisoning import PoisonConfig, make_poisoned_variant, save_variant
+
+    def source(start: int) -> datasets.DatasetDict:
+        rows = range(start, start + 96)
+        return datasets.DatasetDict(
+            train=cifar10["train"].select(rows), test=cifar10["test"].select(range(32))
+        )
+
+    folder, out = tmp_path / "poisoned", tmp_path / "run"
+    poison = PoisonConfig(trigger="htba:10", trigger_size=6, target="airplane", rate=1.0, seed=0)
+    name = save_variant(make_poisoned_variant(source(0), poison), poison, folder).name
+    run = dict(dataset_config=name, max_train_steps=6)
+    train(small_args(folder, out, stop_after_step=3, **run))
+    other_seed = PoisonConfig(**{**poison.__dict__, "seed": 1})
+    save_variant(make_poisoned_variant(source(0), other_seed), other_seed, folder)
+    train(small_args(folder, out, resume_from_checkpoint="latest", **run))
+    assert [entry["step"] for entry in read_log(out)] == [1, 2, 3, 4, 5, 6]
+
+    rerun = tmp_path / "rerun"
+    train(small_args(folder, rerun, stop_after_step=3, **run))
+    save_variant(make_poisoned_variant(source(96), poison), poison, folder, overwrite=True)
+    with pytest.raises(CheckpointError, match=r"different run \(data_fingerprint: "):
+        train(small_args(folder, rerun, resume_from_checkpoint="latest", **run))
+
+
 def test_resume_errors(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints \(expected step_N folders"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 
 import datasets
+import pyarrow as pa
 
 IMAGE_COLUMN_CANDIDATES: tuple[str, ...] = ("image", "img", "images", "pixel_values")
 LABEL_COLUMN_CANDIDATES: tuple[str, ...] = ("label", "labels", "fine_label", "class", "target")
@@ -13,6 +15,25 @@ LABEL_COLUMN_CANDIDATES: tuple[str, ...] = ("label", "labels", "fine_label", "cl
 
 class ColumnError(ValueError):
     """A dataset lacks a required column, or the column has the wrong type."""
+
+
+def content_fingerprint(dataset: datasets.Dataset, batch_size: int = 8192) -> str:
+    """A hash of the rows' content (every column, in row order, after any ``select``).
+
+    ``datasets``' own ``_fingerprint`` of data loaded from files follows its cache folder, which
+    changes when the source folder gains a file (another poisoned variant beside this one): a
+    resume check built on it refuses a checkpoint of the very same data. This hash changes only
+    with the data. It reads every row once (about 0.3 s for CIFAR-10's 50,000 PNG rows here)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(dataset.num_rows).encode())
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+        # schema metadata (the features JSON of the installed datasets version) is left out
+        table = batch.combine_chunks().replace_schema_metadata(None)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(memoryview(sink.getvalue()))
+    return digest.hexdigest()
 
 
 def load_image_dataset(

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ViTConfig
 
 from .backbones import BACKBONES, backbone_config, check_image_size
-from .data import find_image_column, find_label_column, load_image_dataset
+from .data import content_fingerprint, find_image_column, find_label_column, load_image_dataset
 from .loop import (
     LOG_NAME,
     OPTIMIZERS,
@@ -388,7 +388,7 @@ def load_train_data(args: PretrainArguments) -> tuple[datasets.Dataset, str, dic
         "image_column": image_column,
         "num_rows": len(dataset),
         "num_rows_in_split": total_rows,
-        "fingerprint": getattr(dataset, "_fingerprint", None),
+        "fingerprint": content_fingerprint(dataset),
     }
     if "is_poisoned" in dataset.column_names:
         provenance["num_poisoned_rows"] = int(np.asarray(dataset["is_poisoned"]).sum())

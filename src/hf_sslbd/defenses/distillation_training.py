@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..backbones import feature_dim, pooled_features
-from ..data import find_image_column, load_image_dataset
+from ..data import content_fingerprint, find_image_column, load_image_dataset
 from ..evaluation.features import model_fingerprint, uses_channels_last
 from ..loop import (
     LOG_NAME,
@@ -93,7 +93,7 @@ def load_clean_subset(args: DistillationArguments) -> tuple[datasets.Dataset, st
         "dataset_config": args.dataset_config,
         "revision": args.dataset_revision,
         "split": args.train_split,
-        "fingerprint": getattr(split, "_fingerprint", None),
+        "fingerprint": content_fingerprint(split),
     }
     if args.clean_rows is not None:
         rows = CleanSubset.load(args.clean_rows).indices
