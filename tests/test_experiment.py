@@ -250,3 +250,36 @@ def test_trigger_kind_ablation_shares_the_clean_twin(tmp_path: Path, cifar10) ->
     )
     with pytest.raises(ValueError, match="nope.png"):
         build_plan(load_experiment_config(path), features)
+
+
+def test_seed_and_method_overrides_plan_a_part_of_the_same_experiment(tmp_path: Path, cifar10) -> None:
+    """``--seeds`` / ``--methods`` of examples/experiment.py: a part of the config, under the same
+    stage names as the whole (so the parts share one output_dir's cache)."""
+    from hf_sslbd.experiment.plan import build_plan
+
+    features = cifar10["train"].features
+    path = _write_config(
+        tmp_path / "c.yaml", "unused", tmp_path / "out", seeds=[0, 1], methods=["simclr", "byol"]
+    )
+    whole = build_plan(load_experiment_config(path), features)
+    part = build_plan(load_experiment_config(path, seeds=[1], methods=["byol"]), features)
+    variant = "htba-t10_target-airplane_rate-1.0_seed-1"
+    assert [r.key for r in part.runs] == ["pretrain__byol_clean_seed-1", f"pretrain__byol_{variant}"]
+    assert {r.key for r in part.runs} < {r.key for r in whole.runs}
+    assert {e.key for e in part.evaluations} < {e.key for e in whole.evaluations}
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['moco'\]; known methods: .*mocov2"):
+        load_experiment_config(path, methods=["moco"])
+
+
+def test_cli_runs_the_chosen_seeds_only(tmp_path: Path, small_cifar: str) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "experiment.py"
+    out = tmp_path / "out"
+    path = _write_config(tmp_path / "c.yaml", small_cifar, out, seeds=[0, 1])
+    command = [sys.executable, str(script), "--config", str(path), "--seeds", "1", "--stages", "poison"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    assert sorted(p.name for p in (out / "data").iterdir() if p.is_dir()) == [
+        "htba-t10_target-airplane_rate-1.0_seed-1"
+    ]
