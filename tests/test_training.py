@@ -3,6 +3,7 @@ provenance, bad input, and a short real CIFAR-10 run per registered method."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -400,7 +401,7 @@ def test_resume_follows_the_data_not_its_folder(cifar10, tmp_path):
     name = save_variant(make_poisoned_variant(source(0), poison), poison, folder).name
     run = dict(dataset_config=name, max_train_steps=6)
     train(small_args(folder, out, stop_after_step=3, **run))
-    other_seed = PoisonConfig(**{**poison.__dict__, "seed": 1})
+    other_seed = dataclasses.replace(poison, seed=1)
     save_variant(make_poisoned_variant(source(0), other_seed), other_seed, folder)
     train(small_args(folder, out, resume_from_checkpoint="latest", **run))
     assert [entry["step"] for entry in read_log(out)] == [1, 2, 3, 4, 5, 6]
