@@ -80,6 +80,31 @@ def test_cache_is_read_back_and_keyed_by_model(rows, model, tmp_path):
     assert len(list(tmp_path.glob("features-*.safetensors"))) == 4
 
 
+def test_cache_follows_the_rows_not_their_folder(rows, model, tmp_path):
+    """The same rows read back from a parquet folder (another ``_fingerprint``), with an extra
+    column, hit the cache; a changed image misses it."""
+    import datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows.to_parquet(str(folder / "test.parquet"))
+    first = extract_features(model, Preprocessing(), rows, cache_dir=tmp_path / "cache", progress=False)
+    reread = datasets.load_dataset("parquet", data_files=str(folder / "test.parquet"), split="train")
+    reread = reread.cast(rows.features).add_column("note", ["x"] * rows.num_rows)
+    assert reread._fingerprint != rows._fingerprint
+
+    def broken_forward(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    original, model.forward = model.forward, broken_forward
+    again = extract_features(model, Preprocessing(), reread, cache_dir=tmp_path / "cache", progress=False)
+    model.forward = original
+    assert torch.equal(first.features, again.features)
+    flipped = rows.map(lambda row: {"img": row["img"].transpose(0)}, load_from_cache_file=False)
+    extract_features(model, Preprocessing(), flipped, cache_dir=tmp_path / "cache", progress=False)
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 2
+
+
 def test_fingerprints(rows, model):
     assert model_fingerprint(model) == model_fingerprint(model)
     twin = build_backbone("resnet10-cifar", width=8)
@@ -105,3 +130,27 @@ def test_bad_input(rows, model, cifar10):
 def test_unlabeled_split(rows, model):
     out = extract_features(model, Preprocessing(), rows.remove_columns("label"), progress=False)
     assert out.labels is None and out.features.shape == (48, 64)
+
+
+def test_content_fingerprint_reads_values_not_layout(rows):
+    """Same values in another Arrow layout (chunks, large_binary, an index mapping) hash alike;
+    one changed label or byte does not."""
+    import datasets
+    import pyarrow as pa
+
+    from hf_sslbd.data import content_fingerprint
+
+    table = rows.with_format("arrow")[:]
+    image = table.column("img").combine_chunks()
+    wide = pa.StructArray.from_arrays(
+        [image.field("bytes").cast(pa.large_binary()), image.field("path").cast(pa.large_string())],
+        names=["bytes", "path"],
+    )
+    chunked = pa.table({"img": pa.chunked_array([wide[:20], wide[20:]]), "label": table.column("label")})
+    relaid = datasets.Dataset(chunked)
+    assert relaid.data.column("img").num_chunks == 2 and relaid.data.schema.field("img").type == wide.type
+    assert content_fingerprint(relaid) == content_fingerprint(rows)
+    assert content_fingerprint(rows.flatten_indices()) == content_fingerprint(rows)
+    relabelled = rows.map(lambda row, i: {"label": (row["label"] + (i == 7)) % 10}, with_indices=True)
+    assert content_fingerprint(relabelled) != content_fingerprint(rows)
+    assert content_fingerprint(rows.select(range(1, 48))) != content_fingerprint(rows.select(range(47)))

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 import datasets
+import numpy as np
 import pyarrow as pa
 
 IMAGE_COLUMN_CANDIDATES: tuple[str, ...] = ("image", "img", "images", "pixel_values")
@@ -18,22 +19,44 @@ class ColumnError(ValueError):
 
 
 def content_fingerprint(dataset: datasets.Dataset, batch_size: int = 8192) -> str:
-    """A hash of the rows' content (every column, in row order, after any ``select``).
+    """A hash of the rows' values (every column, in row order, after any ``select``).
 
     ``datasets``' own ``_fingerprint`` of data loaded from files follows its cache folder, which
     changes when the source folder gains a file (another poisoned variant beside this one): a
     resume check built on it refuses a checkpoint of the very same data. This hash changes only
-    with the data. It reads every row once (about 0.4 s for CIFAR-10's 50,000 PNG rows here)."""
+    with the values: not with the Arrow layout (chunks, slices, an index mapping, binary or
+    large_binary), the schema metadata or the source. It reads every row once (about 0.5 s for
+    CIFAR-10's 50,000 PNG rows here)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(dataset.num_rows).encode())
     for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
-        # schema metadata (the features JSON of the installed datasets version) is left out
-        table = batch.combine_chunks().replace_schema_metadata(None)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        digest.update(memoryview(sink.getvalue()))
+        for name in batch.column_names:
+            digest.update(name.encode())
+            _hash_array(digest, batch.column(name).combine_chunks())
     return digest.hexdigest()
+
+
+_BYTES_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string)
+
+
+def _hash_array(digest: hashlib.blake2b, array: pa.Array) -> None:
+    """Feed ``array``'s values (not its buffers, whose layout varies) into ``digest``."""
+    digest.update(np.packbits(array.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    kind = array.type
+    if pa.types.is_struct(kind):
+        for index, child in enumerate(array.flatten()):
+            digest.update(kind.field(index).name.encode())
+            _hash_array(digest, child)
+    elif any(test(kind) for test in _BYTES_TYPES):
+        values = [b"" if v is None else (v.encode() if isinstance(v, str) else v) for v in array.to_pylist()]
+        digest.update(np.array([len(v) for v in values], dtype=np.int64).tobytes())
+        digest.update(b"".join(values))
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        values = array.fill_null(False if pa.types.is_boolean(kind) else 0).to_numpy(zero_copy_only=False)
+        digest.update(str(values.dtype).encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    else:  # lists, dates, ...: rare in image datasets; their Python values are canonical
+        digest.update(repr(array.to_pylist()).encode())
 
 
 def load_image_dataset(

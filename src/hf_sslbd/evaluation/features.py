@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ViTConfig
 
 from ..backbones import check_image_size, pooled_features
-from ..data import find_image_column, find_label_column
+from ..data import content_fingerprint, find_image_column, find_label_column
 from ..preprocessing import Preprocessing, images_to_batch, normalize
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -53,9 +53,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def dataset_fingerprint(dataset: datasets.Dataset) -> str:
-    """The ``datasets`` fingerprint (stable across runs for data loaded from files) plus size."""
-    return f"{dataset._fingerprint}-{dataset.num_rows}"
+def dataset_fingerprint(dataset: datasets.Dataset, columns: list[str] | None = None) -> str:
+    """A hash of the rows' content in ``columns`` (all by default), in row order.
+
+    Not ``datasets``' own ``_fingerprint``: for data loaded from files it follows the cache folder,
+    so the same rows read from a folder that gained a file would miss the cache."""
+    return content_fingerprint(dataset.select_columns(columns) if columns else dataset)
 
 
 def _preprocessing_dict(preprocessing: Preprocessing) -> dict[str, Any]:
@@ -204,7 +207,8 @@ def extract_features(
     if cache_dir is not None:
         key = cache_key(
             model_fingerprint(model),
-            dataset_fingerprint(dataset),
+            # the columns the features are computed from: other columns do not change them
+            dataset_fingerprint(dataset, [image_column] + ([label_column] if label_column else [])),
             image_column,
             label_column,
             preprocessing,
