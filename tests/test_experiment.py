@@ -84,6 +84,34 @@ def test_unknown_section_keys_fail_before_any_work(tmp_path: Path, small_cifar: 
         run_experiment(load_experiment_config(path))
 
 
+def test_method_config_typos_fail_before_any_work(tmp_path: Path, small_cifar: str) -> None:
+    out = tmp_path / "out"
+    path = _write_config(
+        tmp_path / "c.yaml", small_cifar, out, pretrain={"method_config": {"temprature": 0.5}}
+    )
+    with pytest.raises(ValueError, match=r"method 'simclr'.*\['temprature'\].*temperature"):
+        run_experiment(load_experiment_config(path))
+    assert not (out / "stages").exists()
+
+
+@pytest.mark.parametrize(
+    "shipped",
+    sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_shipped_configs_are_valid(shipped: Path, cifar10) -> None:
+    """Every recipe in examples/configs passes the checks run_experiment makes before any work
+    and plans on CIFAR-10: a typo there would otherwise show hours into a run."""
+    from hf_sslbd.experiment.plan import build_plan
+    from hf_sslbd.experiment.runner import check_config, check_targets
+
+    config = load_experiment_config(shipped)
+    check_config(config)
+    check_targets(config, cifar10["train"].features)
+    plan = build_plan(config, cifar10["train"].features)
+    assert plan.runs and plan.evaluations
+
+
 def test_target_must_be_a_class(tmp_path: Path, small_cifar: str) -> None:
     path = _write_config(
         tmp_path / "c.yaml", small_cifar, tmp_path / "out", pairs=[{"trigger": "htba:10", "target": "zebra"}]

@@ -26,10 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_config(config: ExperimentConfig) -> None:
-    """Refuse unknown keys in the poison / pretrain / evaluation sections before any work."""
+    """Refuse unknown keys in the poison / pretrain / evaluation sections, and pretraining
+    settings or method-config overrides that a method rejects, before any work."""
     from ..evaluation.report import EvaluationConfig
     from ..poisoning import PoisonConfig
-    from ..training import PretrainArguments
+    from ..training import PretrainArguments, resolve_method_config
 
     check_overrides(config.poison, PoisonConfig, "poison")
     for key in ("trigger", "target", "seed"):
@@ -39,6 +40,13 @@ def check_config(config: ExperimentConfig) -> None:
     for key in ("dataset", "dataset_config", "output_dir", "method", "seed", "resume_from_checkpoint"):
         if key in config.pretrain:
             raise ValueError(f"pretrain.{key} is set by the experiment itself; remove it from the config")
+    for method in config.methods:  # a typo in method_config fails now, not after hours of poisoning
+        try:
+            resolve_method_config(
+                PretrainArguments(dataset="", output_dir="", method=method, **config.pretrain)
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"pretrain (method {method!r}): {error}") from None
     check_overrides(config.evaluation, EvaluationConfig, "evaluation")
 
 
