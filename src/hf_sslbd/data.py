@@ -25,7 +25,7 @@ def content_fingerprint(dataset: datasets.Dataset, batch_size: int = 8192) -> st
     changes when the source folder gains a file (another poisoned variant beside this one): a
     resume check built on it refuses a checkpoint of the very same data. This hash changes only
     with the values: not with the Arrow layout (chunks, slices, an index mapping, binary or
-    large_binary), the schema metadata or the source. It reads every row once (about 0.5 s for
+    large_binary), the schema metadata or the source. It reads every row once (about 0.15 s for
     CIFAR-10's 50,000 PNG rows here)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(dataset.num_rows).encode())
