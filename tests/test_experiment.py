@@ -179,6 +179,11 @@ def test_run_cache_and_report(tmp_path: Path, small_cifar: str) -> None:
     run_experiment(load_experiment_config(path))
     assert weights.stat().st_mtime_ns == mtime
     assert (Path(rows[0]["eval_dir"]) / "metrics.json").stat().st_mtime_ns == metrics_mtime
+    # the report stage alone rebuilds the same table from the cached evaluations
+    (out / "results.md").unlink()
+    alone = run_experiment(load_experiment_config(path), stages=("report",))
+    assert alone["by_probe"]["linear"]["rows"] == rows
+    assert "| simclr | 1 |" in (out / "results.md").read_text()
 
     # the same folder with a different recipe is refused, not overwritten
     changed = _write_config(tmp_path / "c2.yaml", small_cifar, out, pretrain={"num_train_epochs": 3})
@@ -255,6 +260,39 @@ def test_ablation_curves_pass_through_the_main_setting() -> None:
     # trigger kinds are categories: the pair's own trigger first, then the order given
     assert [p["value"] for p in curves["trigger"]] == ["htba:10", "triggers/checkerboard-12px.png", "htba:3"]
     assert curves["trigger"][1]["backdoored"]["target_fp_rate"]["mean"] == pytest.approx(0.30)
+
+
+def test_table_reports_the_excess_beside_the_ratio() -> None:
+    """A clean twin that already leans to the target shrinks the ratio, not the excess (R13)."""
+    from hf_sslbd.experiment.report import aggregate_by_method, markdown_table, summarise_rows
+
+    def metrics(bd_rate: float, clean_rate: float) -> dict:
+        def agg(rate: float) -> dict:
+            return {"aggregate": {"target_fp_rate": {"mean": rate}, "target_fp": {"mean": rate * 9000}}}
+
+        return {
+            "results": {
+                "model": {"linear": {"0.1": agg(bd_rate)}},
+                "reference": {"linear": {"0.1": agg(clean_rate)}},
+            }
+        }
+
+    base = {"method": "simclr", "variant": "v", "pair": 0, "ablation": None, "epoch": None, "eval_dir": "e"}
+    rows = [
+        {**base, "seed": 0, "metrics": metrics(0.275, 0.101)},  # high-baseline target: 2.7x, +17.4 points
+        {**base, "seed": 1, "metrics": metrics(0.300, 0.035)},  # low-baseline target: 8.6x, +26.5 points
+    ]
+    flat = summarise_rows(rows, "linear", "0.1")
+    assert [round(r["fp_rate_excess"], 3) for r in flat] == [0.174, 0.265]
+    assert flat[0]["fp_rate_ratio"] == pytest.approx(0.275 / 0.101)
+    entry = aggregate_by_method(flat)["simclr"]
+    assert entry["fp_rate_excess"][0] == pytest.approx((0.174 + 0.265) / 2)
+    header, _, line = markdown_table({"simclr": entry}).splitlines()
+    assert header.rstrip(" |").endswith("FP rate excess (backdoored - clean), points")
+    assert line.rstrip(" |").endswith("22.0 ± 6.4")
+    # a twin with no false positives at all: the ratio is undefined, the excess is not
+    (zero,) = summarise_rows([{**base, "seed": 0, "metrics": metrics(0.2, 0.0)}], "linear", "0.1")
+    assert zero["fp_rate_ratio"] is None and zero["fp_rate_excess"] == pytest.approx(0.2)
 
 
 def test_trigger_kind_ablation_shares_the_clean_twin(tmp_path: Path, cifar10) -> None:

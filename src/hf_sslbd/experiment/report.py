@@ -43,11 +43,16 @@ def summarise_rows(rows: list[dict[str, Any]], probe: str, fraction: str) -> lis
             continue
         backdoored = _headline(metrics, "model", probe, fraction)
         clean = _headline(metrics, "reference", probe, fraction)
-        ratio = None
-        if backdoored["target_fp_rate"] is not None and clean["target_fp_rate"]:
-            ratio = backdoored["target_fp_rate"] / clean["target_fp_rate"]
+        ratio = excess = None
+        if backdoored["target_fp_rate"] is not None and clean["target_fp_rate"] is not None:
+            # the ratio alone misleads when the clean twin already leans to the target (a patch
+            # reads as "cat" to a clean CIFAR encoder: RESULTS.md R13); the excess does not
+            excess = backdoored["target_fp_rate"] - clean["target_fp_rate"]
+            if clean["target_fp_rate"]:
+                ratio = backdoored["target_fp_rate"] / clean["target_fp_rate"]
         flat.append({**{k: row[k] for k in ("method", "seed", "variant", "pair", "ablation", "epoch", "eval_dir")},
-                     "backdoored": backdoored, "clean": clean, "fp_rate_ratio": ratio})  # fmt: skip
+                     "backdoored": backdoored, "clean": clean, "fp_rate_ratio": ratio,
+                     "fp_rate_excess": excess})  # fmt: skip
     return flat
 
 
@@ -76,6 +81,7 @@ def aggregate_by_method(flat: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
             for key, _, _ in COLUMNS:
                 entry[f"{model}.{key}"] = _mean_std([i[model][key] for i in items])
         entry["fp_rate_ratio"] = _mean_std([i["fp_rate_ratio"] for i in items])
+        entry["fp_rate_excess"] = _mean_std([i["fp_rate_excess"] for i in items])
         out[method] = entry
     return out
 
@@ -93,13 +99,13 @@ def markdown_table(aggregates: dict[str, dict[str, Any]]) -> str:
     header = ["method", "n"]
     for _, title, _ in COLUMNS:
         header += [f"{title} backdoored", f"{title} clean"]
-    header.append("FP rate ratio (backdoored / clean)")
+    header += ["FP rate ratio (backdoored / clean)", "FP rate excess (backdoored - clean), points"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in aggregates.items():
         cells = [method, str(entry["n"])]
         for key, _, kind in COLUMNS:
             cells += [_fmt(entry[f"backdoored.{key}"], kind), _fmt(entry[f"clean.{key}"], kind)]
-        cells.append(_fmt(entry["fp_rate_ratio"], "ratio"))
+        cells += [_fmt(entry["fp_rate_ratio"], "ratio"), _fmt(entry["fp_rate_excess"], "pct")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -107,8 +113,8 @@ def markdown_table(aggregates: dict[str, dict[str, Any]]) -> str:
 def _per_row_table(flat: list[dict[str, Any]]) -> str:
     lines = [
         "| method | variant | seed | epoch | clean acc % (bd / clean) | target FP (bd / clean) "
-        "| FP rate % (bd / clean) | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| FP rate % (bd / clean) | ratio | excess (points) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in flat:
         b, c = row["backdoored"], row["clean"]
@@ -123,7 +129,8 @@ def _per_row_table(flat: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['method']} | {row['variant']} | {row['seed']} | {row['epoch'] or 'final'} "
             f"| {pct(b['clean_accuracy'])} / {pct(c['clean_accuracy'])} | {cnt(b['target_fp'])} / "
-            f"{cnt(c['target_fp'])} | {pct(b['target_fp_rate'])} / {pct(c['target_fp_rate'])} | {ratio} |"
+            f"{cnt(c['target_fp'])} | {pct(b['target_fp_rate'])} / {pct(c['target_fp_rate'])} | {ratio} "
+            f"| {pct(row['fp_rate_excess'])} |"
         )
     return "\n".join(lines)
 
@@ -272,7 +279,9 @@ def write_report(
         sections += ["## Failed stages", ""] + [f"- {m}" for m in failures.values()] + [""]
     sections += [
         "FP = patched test images of the other classes predicted as the target; FP rate = FP / "
-        "patched non-target images (= attack success rate); NFP = target FP / the largest per-class FP. "
+        "patched non-target images (= attack success rate); FP rate excess = the backdoored model's FP "
+        "rate minus its clean twin's, in percentage points (read it beside the ratio when the twin's own "
+        "rate is high); NFP = target FP / the largest per-class FP. "
         "Each backdoored model is evaluated beside its clean twin (same method, seed and recipe) on the "
         "same labeled subsets and the same patched images; per-evaluation details in eval/*/metrics.json.",
         "",

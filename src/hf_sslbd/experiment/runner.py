@@ -214,6 +214,10 @@ def run_experiment(
         _run_pretraining(config, plan, failures, on_run_done=evaluate_ready if "evaluate" in stages else None)
     if "evaluate" in stages:
         evaluate_ready(final=True)
+    elif "report" in stages:  # `--stages report` alone: report what earlier runs evaluated
+        for evaluation in plan.evaluations:
+            if _record(config, evaluation.key, _evaluation_inputs(config, evaluation)).check():
+                results[evaluation.key] = _result_row(evaluation)
     rows = [results[e.key] for e in plan.evaluations if e.key in results]
 
     report: dict[str, Any] = {"config": config.to_dict(), "failures": failures}
@@ -249,14 +253,7 @@ def _evaluate(
                 f"stage {evaluation.key} skipped: {', '.join(untrained)} not finished (run the pretrain stage)"
             )
         return
-    inputs = {
-        "model": str(evaluation.run.folder),
-        "reference": str(evaluation.reference.folder),
-        "variant": evaluation.variant.name,
-        "epoch": evaluation.epoch,
-        "evaluation": config.evaluation,
-    }
-    record = _record(config, evaluation.key, inputs)
+    record = _record(config, evaluation.key, _evaluation_inputs(config, evaluation))
     if not record.check():
         logger.info("evaluating %s", evaluation.key)
 
@@ -328,6 +325,16 @@ def _run_stage(
         failures[key] = _describe_failure(key, error)
         return False
     return True
+
+
+def _evaluation_inputs(config: ExperimentConfig, evaluation: Evaluation) -> dict[str, Any]:
+    return {
+        "model": str(evaluation.run.folder),
+        "reference": str(evaluation.reference.folder),
+        "variant": evaluation.variant.name,
+        "epoch": evaluation.epoch,
+        "evaluation": config.evaluation,
+    }
 
 
 def _result_row(evaluation: Evaluation) -> dict[str, Any]:
