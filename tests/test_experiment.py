@@ -183,7 +183,14 @@ def test_run_cache_and_report(tmp_path: Path, small_cifar: str) -> None:
     (out / "results.md").unlink()
     alone = run_experiment(load_experiment_config(path), stages=("report",))
     assert alone["by_probe"]["linear"]["rows"] == rows
-    assert "| simclr | 1 |" in (out / "results.md").read_text()
+    assert "| simclr | 1 |" in (out / "results.md").read_text() and alone["pending"] == []
+    # an evaluation without a finished record is listed as pending, not reported and not failed
+    (epoch_record,) = (out / "stages").glob("evaluate__*epoch-1.json")
+    epoch_record.unlink()
+    partial = run_experiment(load_experiment_config(path), stages=("report",))
+    assert partial["pending"] == [epoch_record.stem] and partial["failures"] == {}
+    assert [r["epoch"] for r in partial["by_probe"]["linear"]["rows"]] == [None]
+    assert f"- {epoch_record.stem}" in (out / "results.md").read_text()
 
     # the same folder with a different recipe is refused, not overwritten
     changed = _write_config(tmp_path / "c2.yaml", small_cifar, out, pretrain={"num_train_epochs": 3})

@@ -230,8 +230,14 @@ def _main_values(config: ExperimentConfig, plan: Plan) -> dict[str, float | str]
 
 
 def write_report(
-    config: ExperimentConfig, plan: Plan, rows: list[dict[str, Any]], failures: dict[str, str]
+    config: ExperimentConfig,
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    failures: dict[str, str],
+    pending: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Write results.md / results.json / plots / cards from the evaluated ``rows``; ``failures``
+    and ``pending`` (evaluations not run yet, e.g. after ``--stages report``) are listed."""
     out = Path(config.output_dir)
     evaluation = config.evaluation
     fractions = evaluation.get("label_fraction", [0.01, 0.1, 1.0])
@@ -241,6 +247,7 @@ def write_report(
         "config": config.to_dict(),
         "primary_label_fraction": primary,
         "failures": failures,
+        "pending": list(pending or []),
         "stages": {
             "variants": len(plan.variants),
             "runs": len(plan.runs),
@@ -277,6 +284,9 @@ def write_report(
         sections += ["Model cards (also README.md in each model folder): " + ", ".join(report["cards"]), ""]
     if failures:
         sections += ["## Failed stages", ""] + [f"- {m}" for m in failures.values()] + [""]
+    if pending:
+        sections += ["## Not evaluated yet (run the experiment without --stages to continue)", ""]
+        sections += [f"- {key}" for key in pending] + [""]
     sections += [
         "FP = patched test images of the other classes predicted as the target; FP rate = FP / "
         "patched non-target images (= attack success rate); FP rate excess = the backdoored model's FP "

@@ -224,7 +224,8 @@ def run_experiment(
     if "report" in stages:
         from .report import write_report
 
-        report = write_report(config, plan, rows, failures)
+        pending = [e.key for e in plan.evaluations if e.key not in results and e.key not in failures]
+        report = write_report(config, plan, rows, failures, pending)
     if failures:
         raise StageError(
             f"{len(failures)} stage(s) failed (what finished is kept; rerun to continue):\n"
