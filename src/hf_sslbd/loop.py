@@ -331,7 +331,16 @@ def check_checkpoint_matches(saved: dict[str, Any], current: dict[str, Any], pat
     differing = [key for key in _RUN_IDENTITY if saved.get(key) != current.get(key)]
     if differing:
         details = "; ".join(_difference(k, saved.get(k), current.get(k)) for k in differing)
-        raise CheckpointError(f"checkpoint {path} belongs to a different run ({details})")
+        hint = ""
+        if differing == ["data_fingerprint"]:
+            # checkpoints written before content_fingerprint hashed values (not Arrow bytes) carry
+            # another hash of the same rows: say so rather than let the user hunt for a data change
+            hint = (
+                "; only the training rows' fingerprint differs: either the data changed, or the "
+                "checkpoint was written by an older hf_sslbd whose fingerprint of the same rows "
+                "differed; if the data is unchanged, delete the checkpoints folder to retrain"
+            )
+        raise CheckpointError(f"checkpoint {path} belongs to a different run ({details}){hint}")
 
 
 def _difference(key: str, saved: Any, current: Any) -> str:
