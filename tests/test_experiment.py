@@ -71,6 +71,15 @@ def test_unknown_keys_name_close_matches(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"methods": ["simclrr"]}))
     with pytest.raises(ValueError, match="unknown method.*simclrr"):
         load_experiment_config(path)
+    path.write_text(yaml.safe_dump({"acceptance": {"min_ratio": 5}}))
+    with pytest.raises(ConfigKeyError, match=r"acceptance\.min_ratio.*'min_fp_rate_ratio'"):
+        load_experiment_config(path)
+    path.write_text(yaml.safe_dump({"acceptance": {"control_methods": ["rotnett"]}}))
+    with pytest.raises(ValueError, match=r"acceptance\.control_methods.*rotnett"):
+        load_experiment_config(path)
+    path.write_text(yaml.safe_dump({"acceptance": {"max_clean_accuracy_gap": -3}}))
+    with pytest.raises(ValueError, match=r"max_clean_accuracy_gap must be a number >= 0, got -3"):
+        load_experiment_config(path)
 
 
 def test_unknown_section_keys_fail_before_any_work(tmp_path: Path, small_cifar: str) -> None:
@@ -300,6 +309,51 @@ def test_table_reports_the_excess_beside_the_ratio() -> None:
     # a twin with no false positives at all: the ratio is undefined, the excess is not
     (zero,) = summarise_rows([{**base, "seed": 0, "metrics": metrics(0.2, 0.0)}], "linear", "0.1")
     assert zero["fp_rate_ratio"] is None and zero["fp_rate_excess"] == pytest.approx(0.2)
+
+
+def test_acceptance_marks_each_evaluation_met_or_missed() -> None:
+    """Issue 6's targets: invariance methods >= 5x with clean accuracy within 3 points, controls
+    (RotNet) <= 1.5x; a method is met only when every one of its final evaluations is."""
+    from hf_sslbd.experiment.config import AcceptanceConfig
+    from hf_sslbd.experiment.report import judge, judge_by_method, markdown_table
+
+    acceptance = AcceptanceConfig(
+        min_fp_rate_ratio=5.0, max_clean_accuracy_gap=3.0, max_control_fp_rate_ratio=1.5
+    )
+
+    def row(method: str, bd_rate: float, clean_rate: float, bd_acc: float = 0.60, clean_acc: float = 0.60,
+            epoch: int | None = None) -> dict:  # fmt: skip
+        return {
+            "method": method, "seed": 0, "variant": "v", "pair": 0, "ablation": None, "epoch": epoch,
+            "eval_dir": "e", "fp_rate_ratio": bd_rate / clean_rate if clean_rate else None,
+            "fp_rate_excess": bd_rate - clean_rate,
+            "backdoored": {"target_fp_rate": bd_rate, "clean_accuracy": bd_acc},
+            "clean": {"target_fp_rate": clean_rate, "clean_accuracy": clean_acc},
+        }  # fmt: skip
+
+    assert judge(row("simclr", 0.30, 0.035), acceptance) == {"met": True, "missed": []}
+    assert judge(row("simclr", 0.275, 0.101), acceptance)["missed"] == ["ratio 2.72 < 5"]
+    drop = judge(row("simclr", 0.30, 0.035, bd_acc=0.55), acceptance)
+    assert drop["missed"] == ["clean acc 5.0 points from the twin > 3"]
+    assert judge(row("simclr", 0.2, 0.0), acceptance)["met"]  # a twin with no FP: the ratio is infinite
+    assert judge(row("rotnet", 0.01, 0.07), acceptance)["met"]  # 0.15x: a control below its bound
+    assert judge(row("rotnet", 0.12, 0.07), acceptance)["missed"] == ["ratio 1.71 > 1.5"]
+    # RotNet's clean accuracy may move (its bound is on the ratio only); an unset target is not checked
+    assert judge(row("rotnet", 0.01, 0.07, bd_acc=0.40), acceptance)["met"]
+    assert judge(row("rotnet", 0.12, 0.07), AcceptanceConfig(min_fp_rate_ratio=5.0)) is None
+
+    flat = [row("simclr", 0.30, 0.035), row("simclr", 0.275, 0.101), row("rotnet", 0.01, 0.07),
+            row("simclr", 0.01, 0.01, epoch=4)]  # fmt: skip
+    for item in flat:
+        item["acceptance"] = judge(item, acceptance)
+    verdicts = judge_by_method(flat, acceptance)  # the epoch-4 row is not a final evaluation
+    assert verdicts == {"simclr": "**missed** (1/2 met)", "rotnet": "met (1/1)"}
+    entry = {"n": 1, "fp_rate_ratio": (None, None, 0), "fp_rate_excess": (None, None, 0)}
+    entry.update({f"{m}.{k}": (None, None, 0) for m in ("backdoored", "clean")
+                  for k in ("clean_accuracy", "patched_accuracy", "target_fp", "target_fp_rate", "nfp")})  # fmt: skip
+    header, _, line = markdown_table({"rotnet": entry}, verdicts).splitlines()
+    assert header.rstrip(" |").endswith("acceptance") and line.rstrip(" |").endswith("met (1/1)")
+    assert "acceptance" not in markdown_table({"rotnet": entry}).splitlines()[0]
 
 
 def test_trigger_kind_ablation_shares_the_clean_twin(tmp_path: Path, cifar10) -> None:

@@ -2,11 +2,19 @@
 from one YAML config, cached and resumable stage by stage."""
 
 from .cache import StageError, StaleCacheError
-from .config import AblationConfig, ConfigKeyError, ExperimentConfig, TriggerTarget, load_experiment_config
+from .config import (
+    AblationConfig,
+    AcceptanceConfig,
+    ConfigKeyError,
+    ExperimentConfig,
+    TriggerTarget,
+    load_experiment_config,
+)
 from .runner import run_experiment
 
 __all__ = [
     "AblationConfig",
+    "AcceptanceConfig",
     "ConfigKeyError",
     "ExperimentConfig",
     "StageError",

@@ -60,6 +60,42 @@ class AblationConfig:
 
 
 @dataclass
+class AcceptanceConfig:
+    """The targets the report checks every evaluation against (a value left unset is not checked).
+
+    An invariance method meets them when its target FP rate is at least ``min_fp_rate_ratio``
+    times its clean twin's and its clean accuracy is within ``max_clean_accuracy_gap`` points of
+    the twin's; a ``control_methods`` entry (the paper's non-invariance pretext tasks) meets them
+    when its ratio stays at or below ``max_control_fp_rate_ratio``. Issue 6's reproduction
+    targets: 5.0, 3.0 and 1.5."""
+
+    min_fp_rate_ratio: float | None = None
+    max_clean_accuracy_gap: float | None = None
+    control_methods: list[str] = field(default_factory=lambda: ["rotnet", "jigsaw"])
+    max_control_fp_rate_ratio: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.min_fp_rate_ratio, self.max_clean_accuracy_gap, self.max_control_fp_rate_ratio)
+        )
+
+    def validate(self) -> None:
+        for name in ("min_fp_rate_ratio", "max_clean_accuracy_gap", "max_control_fp_rate_ratio"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"acceptance.{name} must be a number >= 0, got {value!r}")
+        from ..methods import METHODS
+
+        unknown = [m for m in self.control_methods if m not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"acceptance.control_methods: unknown method(s) {unknown}; known: {sorted(METHODS)}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """Everything an experiment does. ``poison`` / ``pretrain`` / ``evaluation`` hold overrides of
     :class:`hf_sslbd.poisoning.PoisonConfig`, the pretraining arguments and the evaluation settings
@@ -77,6 +113,8 @@ class ExperimentConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     ablations: AblationConfig = field(default_factory=AblationConfig)
+    #: targets the report marks each evaluation "met" or "missed" against (none: no column)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     #: pretraining runs side by side (processes), each with cores // parallel threads
     parallel: int = 1
     #: a note printed with the results, e.g. why a demo recipe is stronger than the paper's
@@ -96,6 +134,7 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}")
+        self.acceptance.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +166,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             value = [_build(TriggerTarget, item, f"{where}pairs[{i}].") for i, item in enumerate(value)]
         elif key == "ablations":
             value = _build(AblationConfig, value, f"{where}ablations.")
+        elif key == "acceptance":
+            value = _build(AcceptanceConfig, value, f"{where}acceptance.")
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .cards import write_model_cards
-from .config import ExperimentConfig
+from .config import AcceptanceConfig, ExperimentConfig
 from .plan import Plan
 
 #: headline values of the table: (metrics key, column title, format)
@@ -86,6 +86,69 @@ def aggregate_by_method(flat: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def judge(row: dict[str, Any], acceptance: AcceptanceConfig) -> dict[str, Any] | None:
+    """Whether one evaluation meets the config's acceptance targets: ``{"met": bool, "missed":
+    [reasons]}``, or None when the config sets no target for this kind of method."""
+    ratio = row["fp_rate_ratio"]
+    if ratio is None and row["backdoored"]["target_fp_rate"]:
+        ratio = float("inf")  # the twin has no false positives at all, the backdoored model has
+    missed = []
+    if row["method"] in acceptance.control_methods:
+        bound = acceptance.max_control_fp_rate_ratio
+        if bound is None:
+            return None
+        if ratio is not None and ratio > bound:
+            missed.append(f"ratio {ratio:.2f} > {bound:g}")
+    else:
+        if acceptance.min_fp_rate_ratio is None and acceptance.max_clean_accuracy_gap is None:
+            return None
+        if acceptance.min_fp_rate_ratio is not None and (ratio or 0.0) < acceptance.min_fp_rate_ratio:
+            missed.append(f"ratio {ratio or 0.0:.2f} < {acceptance.min_fp_rate_ratio:g}")
+        gap_bound = acceptance.max_clean_accuracy_gap
+        backdoored, clean = row["backdoored"]["clean_accuracy"], row["clean"]["clean_accuracy"]
+        if gap_bound is not None and backdoored is not None and clean is not None:
+            gap = 100 * abs(backdoored - clean)
+            if gap > gap_bound:
+                missed.append(f"clean acc {gap:.1f} points from the twin > {gap_bound:g}")
+    return {"met": not missed, "missed": missed}
+
+
+def _verdict_text(verdict: dict[str, Any] | None) -> str:
+    if verdict is None:
+        return "n/a"
+    return "met" if verdict["met"] else "**missed**: " + "; ".join(verdict["missed"])
+
+
+def judge_by_method(flat: list[dict[str, Any]], acceptance: AcceptanceConfig) -> dict[str, str]:
+    """Per method, how many of its main-setting final evaluations (pairs x seeds) meet the
+    targets: "met (2/2)" only when every one does."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in flat:
+        verdict = row.get("acceptance")
+        if verdict is None or row["ablation"] is not None or row["epoch"] is not None:
+            continue
+        counts[row["method"]][0] += verdict["met"]
+        counts[row["method"]][1] += 1
+    return {
+        method: (f"met ({met}/{n})" if met == n else f"**missed** ({met}/{n} met)")
+        for method, (met, n) in counts.items()
+    }
+
+
+def describe_acceptance(acceptance: AcceptanceConfig) -> str:
+    """The targets in words, for the report's header."""
+    parts = []
+    if acceptance.min_fp_rate_ratio is not None:
+        parts.append(f"target FP rate >= {acceptance.min_fp_rate_ratio:g}x the clean twin's")
+    if acceptance.max_clean_accuracy_gap is not None:
+        parts.append(f"clean accuracy within {acceptance.max_clean_accuracy_gap:g} points of the twin's")
+    text = " and ".join(parts)
+    if acceptance.max_control_fp_rate_ratio is not None:
+        controls = ", ".join(acceptance.control_methods)
+        text += ("; " if text else "") + f"{controls}: ratio <= {acceptance.max_control_fp_rate_ratio:g}x"
+    return text
+
+
 def _fmt(stat: tuple[float | None, float | None, int], kind: str) -> str:
     mean, std, _ = stat
     if mean is None:
@@ -95,26 +158,32 @@ def _fmt(stat: tuple[float | None, float | None, int], kind: str) -> str:
     return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
 
 
-def markdown_table(aggregates: dict[str, dict[str, Any]]) -> str:
+def markdown_table(aggregates: dict[str, dict[str, Any]], verdicts: dict[str, str] | None = None) -> str:
+    """The per-method table; ``verdicts`` (from :func:`judge_by_method`) adds an acceptance column."""
     header = ["method", "n"]
     for _, title, _ in COLUMNS:
         header += [f"{title} backdoored", f"{title} clean"]
     header += ["FP rate ratio (backdoored / clean)", "FP rate excess (backdoored - clean), points"]
+    if verdicts is not None:
+        header.append("acceptance")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in aggregates.items():
         cells = [method, str(entry["n"])]
         for key, _, kind in COLUMNS:
             cells += [_fmt(entry[f"backdoored.{key}"], kind), _fmt(entry[f"clean.{key}"], kind)]
         cells += [_fmt(entry["fp_rate_ratio"], "ratio"), _fmt(entry["fp_rate_excess"], "pct")]
+        if verdicts is not None:
+            cells.append(verdicts.get(method, "n/a"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _per_row_table(flat: list[dict[str, Any]]) -> str:
+def _per_row_table(flat: list[dict[str, Any]], with_acceptance: bool = False) -> str:
+    extra = " acceptance |" if with_acceptance else ""
     lines = [
         "| method | variant | seed | epoch | clean acc % (bd / clean) | target FP (bd / clean) "
-        "| FP rate % (bd / clean) | ratio | excess (points) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| FP rate % (bd / clean) | ratio | excess (points) |" + extra,
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_acceptance else ""),
     ]
     for row in flat:
         b, c = row["backdoored"], row["clean"]
@@ -131,6 +200,7 @@ def _per_row_table(flat: list[dict[str, Any]]) -> str:
             f"| {pct(b['clean_accuracy'])} / {pct(c['clean_accuracy'])} | {cnt(b['target_fp'])} / "
             f"{cnt(c['target_fp'])} | {pct(b['target_fp_rate'])} / {pct(c['target_fp_rate'])} | {ratio} "
             f"| {pct(row['fp_rate_excess'])} |"
+            + (f" {_verdict_text(row.get('acceptance'))} |" if with_acceptance else "")
         )
     return "\n".join(lines)
 
@@ -260,18 +330,26 @@ def write_report(
     sections = [f"# {config.name}", "", config.description or "", ""]
     if config.recipe_note:
         sections += [f"> {config.recipe_note}", ""]
+    acceptance = config.acceptance if config.acceptance.active else None
+    if acceptance is not None:
+        sections += [f"Acceptance (per evaluation): {describe_acceptance(acceptance)}.", ""]
     for probe in probes:
         flat = summarise_rows(rows, probe, primary)
+        verdicts = None
+        if acceptance is not None:
+            for row in flat:
+                row["acceptance"] = judge(row, acceptance)
+            verdicts = judge_by_method(flat, acceptance)
         aggregates = aggregate_by_method(flat)
-        report["by_probe"][probe] = {"rows": flat, "by_method": aggregates}
+        report["by_probe"][probe] = {"rows": flat, "by_method": aggregates, "acceptance": verdicts}
         sections += [
             f"## {probe} probe, {float(primary):.0%} labels (mean ± std over pairs and seeds)",
             "",
-            markdown_table(aggregates),
+            markdown_table(aggregates, verdicts),
             "",
             "<details><summary>every evaluation</summary>",
             "",
-            _per_row_table(flat),
+            _per_row_table(flat, with_acceptance=acceptance is not None),
             "",
             "</details>",
             "",
